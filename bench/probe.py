@@ -1,0 +1,270 @@
+"""Benchmark: dowser.probe against the reference probing algorithm on the same model and probes.
+
+Both run on identical batches with identical Rademacher probe vectors (same seed), each in its
+own process so that peak memory is its own. Reported: wall time, peak extra host memory (RSS
+above the level before probing, sampled every 2 ms), peak GPU memory when on a GPU, and the
+largest relative difference between the two score matrices.
+
+    python bench/probe.py                  # ~30M-parameter Llama on the CPU (default)
+    python bench/probe.py --size 7b        # 7B-shaped Llama, random weights, needs a GPU
+
+Writes bench/results/probe-<machine>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+# glibc's malloc raises its mmap threshold after big frees and then keeps freed buffers in the
+# heap, so RSS would count memory that is free. A fixed threshold returns them to the OS: RSS
+# then tracks live memory. Both algorithms run with the same setting.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+SIZES = {
+    # hidden, intermediate, layers, heads, kv heads, vocab
+    "30m": (512, 1408, 8, 8, 8, 8000),
+    "7b": (4096, 11008, 32, 32, 32, 32000),
+}
+
+
+def build_model(size: str, dtype: torch.dtype, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv, vocab = SIZES[size]
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def make_batches(vocab: int, num_samples: int, batch_size: int, seq_len: int) -> list[dict]:
+    """Random-token batches with ragged lengths (right padding), as synthetic probing makes."""
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for start in range(0, num_samples, batch_size):
+        b = min(batch_size, num_samples - start)
+        ids = torch.randint(3, vocab, (b, seq_len), generator=g)
+        lengths = torch.randint(seq_len // 2, seq_len + 1, (b,), generator=g)
+        mask = (torch.arange(seq_len)[None] < lengths[:, None]).long()
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+class PeakRSS:
+    """Peak resident memory of this process above its level at start, sampled in a thread."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.base = self._rss()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.base
+
+
+def worker(args) -> None:
+    """Run one algorithm; write its dense scores and figures to args.result."""
+    import dowser
+    from dowser.probing.reference import reference_probe
+    from dowser.targets import select_targets
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.size, dtype, args.device)
+    batches = make_batches(model.config.vocab_size, args.num_samples, args.batch_size, args.seq_len)
+    if args.algo == "reference" and args.ref_batches:
+        batches = batches[: args.ref_batches]
+    targets = select_targets(model)
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        weights = torch.cuda.memory_allocated()
+    # Memory: the probing itself. Time: probing plus forming the dense scores (what the
+    # reference returns); dowser forms them one matrix at a time when a mask asks for them.
+    # The timing run repeats and keeps the median, since a shared machine is noisy.
+    times = []
+    for _ in range(args.repeat if args.measure == "time" else 1):
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            if args.algo == "dowser":
+                scores = dowser.probe(
+                    model, batches=batches, num_probes=args.num_probes, seed=0, progress=False
+                )
+            else:
+                dense = reference_probe(model, batches, targets, num_probes=args.num_probes, seed=0)
+            if cuda:
+                torch.cuda.synchronize()
+        if args.algo == "dowser":
+            dense = {n: scores.dense(n) for n in scores.names}
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    dense = {n: dense[n] for n in list(dense)[: args.compare]}
+    figures = {
+        "seconds": seconds,
+        "seconds_all": times,
+        "batches": len(batches),
+        "peak_extra_host_bytes": rss.extra,
+    }
+    if cuda:
+        figures["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        figures["weights_gpu_bytes"] = weights
+    from safetensors.torch import save_file
+
+    save_file(
+        {n: t.float().cpu().contiguous() for n, t in dense.items()}, args.result + ".safetensors"
+    )
+    Path(args.result + ".json").write_text(json.dumps(figures))
+
+
+def machine_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0).replace(" ", "-").lower()
+    return f"cpu{os.cpu_count()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", choices=list(SIZES), default="30m")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--num-probes", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--ref-batches",
+        type=int,
+        default=0,
+        help="reference: only this many batches, time extrapolated",
+    )
+    parser.add_argument("--compare", type=int, default=10_000, help="compare the first N weights")
+    parser.add_argument("--out", default=None, help="default: bench/results/probe-<machine>.json")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs; the median is reported")
+    parser.add_argument("--algo", choices=["dowser", "reference"], help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=["time", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.algo:
+        return worker(args)
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for algo in ("dowser", "reference"):
+            # Two runs each: time with the default allocator, memory with ALLOCATOR_ENV
+            # (which slows every large allocation down, so it is not used for timing).
+            for label, env in (("time", {}), ("memory", ALLOCATOR_ENV)):
+                result = os.path.join(tmp, f"{algo}-{label}")
+                cmd = [sys.executable, __file__, *sys.argv[1:]]
+                cmd += ["--algo", algo, "--measure", label, "--result", result]
+                subprocess.run(cmd, check=True, env={**os.environ, **env})
+                figures = json.loads(Path(result + ".json").read_text())
+                if label == "time":
+                    results[algo] = figures
+                else:
+                    results[algo]["peak_extra_host_bytes"] = figures["peak_extra_host_bytes"]
+        from safetensors.torch import load_file
+
+        ours = load_file(os.path.join(tmp, "dowser-time.safetensors"))
+        ref = load_file(os.path.join(tmp, "reference-time.safetensors"))
+    common = [n for n in ours if n in ref]
+    rel = max(float((ours[n] - ref[n]).abs().max() / ref[n].abs().max()) for n in common)
+    full = -(-args.num_samples // args.batch_size)
+    ref_seconds = results["reference"]["seconds"] * full / results["reference"]["batches"]
+    n_params = sum(p.numel() for p in build_model(args.size, torch.float32, "meta").parameters())
+    report = {
+        "machine": machine_name(args.device),
+        "device": args.device,
+        "dtype": args.dtype,
+        "model": f"Llama {args.size} (random weights, {n_params / 1e6:.1f}M parameters)",
+        "threads": args.threads,
+        "num_samples": args.num_samples,
+        "batch_size": args.batch_size,
+        "num_probes": args.num_probes,
+        "seq_len": args.seq_len,
+        "dowser": results["dowser"],
+        "reference": {**results["reference"], "seconds_extrapolated": ref_seconds},
+        "repeat": args.repeat,
+        "speedup": ref_seconds / results["dowser"]["seconds"],
+        "memory_ratio": results["dowser"]["peak_extra_host_bytes"]
+        / max(1, results["reference"]["peak_extra_host_bytes"]),
+        "max_relative_difference": rel,
+        "weights_compared": len(common),
+        "allocator_env": ALLOCATOR_ENV,
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    out = Path(args.out or Path(__file__).parent / "results" / f"probe-{report['machine']}.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    mib = 2**20
+    print(f"model: {report['model']} on {report['machine']} ({args.dtype})")
+    print(
+        f"dowser:    {results['dowser']['seconds']:8.2f} s   peak extra host {results['dowser']['peak_extra_host_bytes'] / mib:8.1f} MiB"
+    )
+    print(
+        f"reference: {ref_seconds:8.2f} s   peak extra host {results['reference']['peak_extra_host_bytes'] / mib:8.1f} MiB"
+    )
+    if "peak_gpu_bytes" in results["dowser"]:
+        for algo in ("dowser", "reference"):
+            r = results[algo]
+            print(
+                f"{algo}: peak GPU {r['peak_gpu_bytes'] / 2**30:.2f} GiB (weights {r['weights_gpu_bytes'] / 2**30:.2f} GiB)"
+            )
+    print(
+        f"speed-up {report['speedup']:.2f}x, memory ratio {report['memory_ratio']:.3f}, max relative score difference {rel:.2e}"
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

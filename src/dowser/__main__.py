@@ -1,0 +1,5 @@
+"""`python -m dowser` is the `dowser` command."""
+
+from dowser.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,300 @@
+"""The `dowser` command: one console script, one subcommand per stage.
+
+    dowser probe MODEL_DIR --out scores.safetensors      # once per base model, no data
+    dowser mask SCORES --model MODEL_DIR --ratio 0.1 --out mask.safetensors
+    dowser inspect FILE                                  # what a scores or mask file holds
+    dowser demo --out DIR                                # the whole thing on a built-in model
+
+User errors print one line and exit with status 2; existing files are never replaced unless
+--overwrite is given, and outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dowser.errors import DowserError
+from dowser.version import __version__
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"{value} is outside (0, 1]: it is the fraction of each matrix left trainable"
+        )
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dowser",
+        description="Data-free importance probing and sparse masks that keep what a model knew.",
+    )
+    parser.add_argument("--version", action="version", version=f"dowser {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "probe",
+        help="score every weight of a model, without data",
+        description="Probe a local Hugging Face checkpoint with self-generated inputs and write "
+        "its importance scores (factors + metadata) to a safetensors file.",
+    )
+    p.add_argument(
+        "model_dir",
+        metavar="MODEL_DIR",
+        help="local checkpoint directory (config.json + *.safetensors)",
+    )
+    p.add_argument("--out", required=True, help="scores file to write, e.g. scores.safetensors")
+    p.add_argument(
+        "--num-samples", type=_positive, default=64, help="synthetic sequences (reference: 64)"
+    )
+    p.add_argument(
+        "--batch-size", type=_positive, default=4, help="sequences per forward pass (reference: 4)"
+    )
+    p.add_argument(
+        "--num-probes", type=_positive, default=8, help="Hutchinson probes per batch (reference: 8)"
+    )
+    p.add_argument(
+        "--seq-len",
+        type=_positive,
+        default=64,
+        help="text tokens per sequence, BOS included (reference: 64)",
+    )
+    p.add_argument(
+        "--estimator",
+        choices=["mean-abs", "rms"],
+        default="mean-abs",
+        help="mean-abs: mean |d(xi^T f)/dz| as the reference scripts; rms: the paper's root mean square",
+    )
+    p.add_argument(
+        "--images",
+        choices=["off", "noise"],
+        default="off",
+        help="noise: start each sample with the image placeholder and Gaussian-noise pixels",
+    )
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="groups (decoder, lm_head, encoder/vision, projector, all; comma-separated) or a regex "
+        "over module paths; default: the language decoder",
+    )
+    p.add_argument("--no-lm-head", action="store_true", help="do not score the output head")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed for token draws, noise, sampling and probes"
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, float16 or auto (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_probe)
+
+    m = sub.add_parser(
+        "mask",
+        help="build a trainable/frozen mask from scores",
+        description="Make the lowest-scoring fraction of each group trainable and freeze the rest.",
+    )
+    m.add_argument("scores", metavar="SCORES", help="scores file from `dowser probe`")
+    m.add_argument(
+        "--model", required=True, help="the probed checkpoint directory (its weights give |W|)"
+    )
+    m.add_argument(
+        "--ratio",
+        type=_ratio,
+        default=0.1,
+        help="fraction left trainable, in (0, 1] (reference: 0.1)",
+    )
+    m.add_argument(
+        "--targets",
+        default="attn,mlp",
+        help="attn, mlp, decoder, lm_head, encoder, projector, all (comma-separated) or a regex "
+        "over parameter names (default: attn,mlp)",
+    )
+    m.add_argument(
+        "--last-layers", type=_positive, default=None, help="only the last N decoder layers"
+    )
+    m.add_argument(
+        "--scope",
+        choices=["tensor", "row", "layer", "global"],
+        default="tensor",
+        help="group the ratio applies to (reference: tensor)",
+    )
+    m.add_argument("--out", required=True, help="mask file to write, e.g. mask.safetensors")
+    m.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code"
+    )
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    m.set_defaults(func=_cmd_mask)
+
+    i = sub.add_parser(
+        "inspect",
+        help="describe a scores or mask file",
+        description="Print what a dowser file holds.",
+    )
+    i.add_argument("file", metavar="FILE", help="a scores or mask safetensors file")
+    i.set_defaults(func=_cmd_inspect)
+
+    d = sub.add_parser(
+        "demo",
+        help="build a small LLaVA-architecture model, probe it, mask it",
+        description="Run the pipeline on a small model built locally (no download).",
+    )
+    d.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    d.add_argument("--overwrite", action="store_true", help="replace files in --out")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _device_and_dtype(device: str | None, dtype: str | None):
+    import torch
+
+    from dowser.hf import parse_dtype
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype is None:
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, parse_dtype(dtype)
+
+
+def _cmd_probe(args: argparse.Namespace) -> None:
+    from dowser.hf import load_model
+    from dowser.io import check_writable
+    from dowser.probing import probe
+
+    out = check_writable(args.out, overwrite=args.overwrite)  # fail before the long part
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    model, tokenizer, processor = load_model(
+        args.model_dir, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code
+    )
+    scores = probe(
+        model,
+        tokenizer=tokenizer,
+        processor=processor,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        num_probes=args.num_probes,
+        seq_len=args.seq_len,
+        estimator=args.estimator,
+        images=args.images,
+        layers=args.layers,
+        include_lm_head=not args.no_lm_head,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    scores.save(out, overwrite=args.overwrite)
+    print(f"wrote {out}: scores for {len(scores)} weights ({args.estimator})")
+
+
+def _cmd_mask(args: argparse.Namespace) -> None:
+    from dowser.hf import load_model
+    from dowser.io import check_writable
+    from dowser.mask import build_mask
+    from dowser.scores import Scores
+
+    out = check_writable(args.out, overwrite=args.overwrite)
+    scores = Scores.load(args.scores)
+    model, _, _ = load_model(args.model, dtype="auto", trust_remote_code=args.trust_remote_code)
+    mask = build_mask(
+        model,
+        scores,
+        update_ratio=args.ratio,
+        targets=args.targets,
+        last_layers=args.last_layers,
+        scope=args.scope,
+    )
+    mask.save(out, overwrite=args.overwrite)
+    print(mask.summary())
+    print(f"wrote {out}")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> None:
+    print(describe_file(args.file))
+
+
+def describe_file(path: str | Path) -> str:
+    """A human-readable description of a dowser scores or mask file."""
+    from dowser.io import read_metadata
+    from dowser.mask import Mask
+
+    meta = read_metadata(path)
+    kind = meta.get("kind")
+    if kind == "mask":
+        mask = Mask.load(path)
+        settings = ", ".join(
+            f"{k}={mask.meta.get(k)}"
+            for k in ("update_ratio", "scope", "targets", "last_layers", "estimator")
+        )
+        return f"{path}: mask ({settings})\n{mask.summary()}"
+    if kind == "scores":
+        targets = meta.get("targets", {})
+        groups: dict[str, int] = {}
+        for t in targets.values():
+            groups[t["group"]] = groups.get(t["group"], 0) + 1
+        keys = (
+            "estimator",
+            "synthetic",
+            "num_samples",
+            "num_batches",
+            "num_probes",
+            "seq_len",
+            "images",
+            "seed",
+            "model_class",
+            "dowser_version",
+        )
+        lines = [f"{path}: scores for {len(targets)} weights"]
+        lines += [f"  {k}: {meta.get(k)}" for k in keys]
+        lines.append("  weights per group: " + ", ".join(f"{g} {n}" for g, n in groups.items()))
+        return "\n".join(lines)
+    raise DowserError(f"{path} holds {kind!r} data, which dowser cannot describe")
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from dowser.demo import run_demo
+
+    run_demo(Path(args.out), overwrite=args.overwrite, progress=not args.quiet)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `dowser` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DowserError as e:
+        print(f"dowser {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dowser {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""Cheap, exact fingerprints of weight tensors, to tell one model from another.
+
+Hashing every byte of a 7B model costs minutes; instead each tensor is summarised by its shape
+and up to 4,096 evenly spaced entries. The entries are rounded to bfloat16 first, so the same
+checkpoint loaded in float32, bfloat16 or on another device gives the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+SAMPLES = 4096  # entries hashed per tensor
+
+
+@torch.no_grad()
+def tensor_fingerprint(t: torch.Tensor) -> str:
+    """16 hex characters identifying `t` by shape and a fixed sample of its values."""
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
+    if n > SAMPLES:
+        idx = torch.linspace(0, n - 1, SAMPLES, dtype=torch.float64).round().long()
+        flat = flat[idx.to(flat.device)]
+    data = flat.to(device="cpu", dtype=torch.bfloat16).view(torch.int16).numpy().tobytes()
+    h = hashlib.sha256(repr(tuple(t.shape)).encode())
+    h.update(data)
+    return h.hexdigest()[:16]
+
+
+def model_fingerprints(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """Fingerprints of the named parameters of `model`."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {n: tensor_fingerprint(params[n]) for n in names}
+
+
+def mismatches(
+    expected: Mapping[str, str], model: nn.Module, shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[list[str], list[str], list[str]]:
+    """(missing, wrong shape, other values) among the expected parameters of `model`."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in expected if n not in params]
+    wrong_shape = [
+        n for n in expected if n in params and tuple(params[n].shape) != tuple(shapes[n])
+    ]
+    bad = set(missing) | set(wrong_shape)
+    other = [
+        n for n, fp in expected.items() if n not in bad and tensor_fingerprint(params[n]) != fp
+    ]
+    return missing, wrong_shape, other

@@ -1,0 +1,122 @@
+"""Loading local Hugging Face checkpoints: safetensors only, no hub, no remote code by default."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dowser.errors import DowserError
+
+DTYPES = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str | None) -> Any:
+    """'float32' / 'bf16' / 'auto' ... -> torch dtype (or 'auto'); None stays None."""
+    if name is None:
+        return None
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise DowserError(f"dtype {name!r}: use one of {', '.join(DTYPES)}") from None
+
+
+def load_model(
+    model_dir: str | os.PathLike,
+    *,
+    device: str | None = None,
+    dtype: Any = None,
+    trust_remote_code: bool = False,
+) -> tuple[torch.nn.Module, Any, Any]:
+    """(model, tokenizer, processor) from a local checkpoint directory.
+
+    The model class is AutoModelForImageTextToText when the config is a vision-language one,
+    else AutoModelForCausalLM, else AutoModelForSeq2SeqLM. Only safetensors weights load.
+    tokenizer / processor are None when the directory has none.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForSeq2SeqLM,
+    )
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise DowserError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise DowserError(f"{path} has no config.json: give a Hugging Face checkpoint directory")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise DowserError(f"cannot read {path / 'config.json'}: {_first_line(e)}") from None
+    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM, AutoModelForSeq2SeqLM):
+        if type(config) in auto._model_mapping:
+            break
+    else:
+        raise DowserError(
+            f"{path}: model type {config.model_type!r} is neither a vision-language, causal nor "
+            "seq2seq language model; load it yourself and call dowser.probe(model, batches=...)"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise DowserError(
+            f"{path} has no .safetensors weights; dowser loads only safetensors (re-save the "
+            "model with save_pretrained(), which writes safetensors)"
+        )
+    try:
+        model = auto.from_pretrained(
+            path,
+            dtype=dtype if dtype is not None else "auto",
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DowserError(f"cannot load the model from {path}: {_first_line(e)}") from None
+    if device is not None:
+        try:
+            model.to(device)
+        except (RuntimeError, AssertionError) as e:
+            raise DowserError(f"cannot move the model to {device!r}: {_first_line(e)}") from None
+    tokenizer, processor = load_preprocessors(path, trust_remote_code=trust_remote_code)
+    return model, tokenizer, processor
+
+
+def load_preprocessors(path: Path, *, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(tokenizer, processor) saved in `path`; either is None when absent."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    tokenizer = processor = None
+    if (path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file():
+        try:
+            processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (ImportError, OSError, ValueError, TypeError, KeyError) as e:
+            # e.g. a processor that needs torchvision: text-only probing still works
+            warnings.warn(
+                f"the processor in {path} could not be loaded ({_first_line(e)}); "
+                "only text inputs are available",
+                stacklevel=2,
+            )
+    if processor is not None and hasattr(processor, "tokenizer"):
+        tokenizer = processor.tokenizer
+    elif (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (ImportError, OSError, ValueError, TypeError, KeyError):
+            tokenizer = None
+    return tokenizer, processor
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,378 @@
+"""Masks: which entries of which weights may train (True) and which stay frozen (False).
+
+`build_mask` makes the lowest-scoring `update_ratio` of each group trainable, the rest frozen
+(important weights keep their pretrained values). Groups ("scope"):
+
+- "tensor": each weight matrix (the reference);
+- "row":    each output unit's row; this cancels ||J_i||, which is constant along a row, so the
+            Jacobian term has no effect and the score ranks like Wanda's |W| |h|;
+- "layer":  all selected matrices of one decoder layer together;
+- "global": all selected matrices together.
+
+Exactly round(update_ratio * numel) entries of a group are trainable (half rounds up; "row"
+rounds per row). Ties are broken by position: an earlier matrix (model order), then a lower
+flat index, is trainable first. With this strict order a smaller ratio's trainable set always
+lies inside a larger one's.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dowser.errors import DowserError
+from dowser.fingerprint import mismatches
+from dowser.io import PathLike, load_safetensors, save_safetensors
+from dowser.scores import Scores, _describe
+from dowser.targets import find_decoder_layers
+from dowser.version import __version__
+
+SCOPES = ("tensor", "row", "layer", "global")
+KINDS = ("attn", "mlp", "other")
+GROUP_WORDS = {
+    "decoder": "decoder",
+    "lm_head": "lm_head",
+    "encoder": "encoder",
+    "vision": "encoder",
+    "projector": "projector",
+}
+FORMAT = 1
+_BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+class Mask(Mapping[str, torch.Tensor]):
+    """Parameter name -> bool tensor of the parameter's shape (True = trainable).
+
+    Build one with `build_mask`, or from any dict of bool tensors: `Mask({"w": t})`.
+    Parameters absent from the mask are not covered by it (the trainer freezes them).
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        meta: dict | None = None,
+        info: Mapping[str, dict] | None = None,
+        fingerprints: Mapping[str, str] | None = None,
+    ):
+        self._tensors: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.bool:
+                raise DowserError(f"mask entry {name!r} must be a bool tensor (True = trainable)")
+            self._tensors[name] = t
+        self.meta = dict(meta or {})  # how it was built: ratio, scope, estimator, ...
+        self.info = {n: dict((info or {}).get(n) or _guess_info(n)) for n in self._tensors}
+        self.fingerprints = dict(fingerprints or {})  # of the weights it was built for
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"Mask({len(self)} weights, {self.num_trainable():,}/{self.numel():,} trainable)"
+
+    def numel(self) -> int:
+        """Entries covered by the mask."""
+        return sum(t.numel() for t in self._tensors.values())
+
+    def num_trainable(self) -> int:
+        """Entries the mask lets train."""
+        return sum(int(t.sum()) for t in self._tensors.values())
+
+    def stats(self) -> list[dict]:
+        """Trainable and total counts per (layer, kind), in model order."""
+        rows: dict[tuple, list[int]] = {}
+        for name, t in self._tensors.items():
+            key = (self.info[name].get("layer"), self.info[name].get("kind", "other"))
+            row = rows.setdefault(key, [0, 0])
+            row[0] += int(t.sum())
+            row[1] += t.numel()
+        return [
+            {"layer": k[0], "kind": k[1], "trainable": v[0], "total": v[1]} for k, v in rows.items()
+        ]
+
+    def summary(self) -> str:
+        """A table of trainable entries per layer and module type."""
+        by_layer: dict[object, dict[str, tuple[int, int]]] = defaultdict(dict)
+        kinds: list[str] = []
+        for row in self.stats():
+            by_layer[row["layer"]][row["kind"]] = (row["trainable"], row["total"])
+            if row["kind"] not in kinds:
+                kinds.append(row["kind"])
+        head = f"{'layer':>7} " + "".join(f"{k:>22}" for k in kinds)
+        lines = [head]
+        for layer, cells in by_layer.items():
+            label = "-" if layer is None else str(layer)
+            line = f"{label:>7} "
+            for k in kinds:
+                tr, tot = cells.get(k, (0, 0))
+                line += f"{_pct(tr, tot):>8} of {tot:>10,}" if tot else f"{'':>22}"
+            lines.append(line)
+        total = self.numel()
+        lines.append(
+            f"total: {self.num_trainable():,} of {total:,} trainable ({_pct(self.num_trainable(), total)}) in {len(self)} weights"
+        )
+        return "\n".join(lines)
+
+    def check(self, model: nn.Module) -> None:
+        """Raise DowserError unless `model` has these weights (names, shapes, fingerprints)."""
+        shapes = {n: tuple(t.shape) for n, t in self._tensors.items()}
+        expected = {n: self.fingerprints.get(n, "") for n in self._tensors}
+        missing, wrong_shape, other = mismatches(expected, model, shapes)
+        other = [n for n in other if self.fingerprints.get(n)]  # no fingerprint: names/shapes only
+        problem = _describe(missing, wrong_shape, other)
+        if problem:
+            raise DowserError(
+                f"this mask does not fit this model: {problem}; build the mask from scores of "
+                "this model (`dowser probe` then `dowser mask`)"
+            )
+
+    def save(self, path: PathLike, *, overwrite: bool = False) -> Path:
+        """Write the mask, bit-packed, with its metadata to a safetensors file (atomically)."""
+        tensors = {name: _pack(t) for name, t in self._tensors.items()}
+        meta = {
+            **self.meta,
+            "kind": "mask",
+            "format": FORMAT,
+            "shapes": {n: list(t.shape) for n, t in self._tensors.items()},
+            "info": self.info,
+            "fingerprints": self.fingerprints,
+        }
+        return save_safetensors(tensors, path, meta, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: PathLike, model: nn.Module | None = None) -> Mask:
+        """Read a mask written by `save`; with `model`, check that it fits."""
+        tensors, meta = load_safetensors(path, kind="mask")
+        if meta.get("format") != FORMAT:
+            raise DowserError(f"{path}: mask format {meta.get('format')} is not supported")
+        shapes = meta.pop("shapes")
+        try:
+            unpacked = {n: _unpack(tensors[n], shapes[n]) for n in shapes}
+        except (KeyError, RuntimeError) as e:
+            raise DowserError(f"{path} is corrupt or incomplete ({e})") from None
+        mask = cls(
+            unpacked, meta=meta, info=meta.pop("info"), fingerprints=meta.pop("fingerprints")
+        )
+        if model is not None:
+            mask.check(model)
+        return mask
+
+
+def build_mask(
+    model: nn.Module,
+    scores: Scores,
+    *,
+    update_ratio: float = 0.1,
+    targets: str = "attn,mlp",
+    last_layers: int | None = None,
+    scope: str = "tensor",
+) -> Mask:
+    """Freeze the important weights: the lowest-scoring `update_ratio` of each group trains.
+
+    Args:
+        model: the probed model (its weights give |W|; checked against the scores).
+        scores: from `dowser.probe` or `Scores.load`.
+        update_ratio: fraction in (0, 1] left trainable (rho; reference 0.1).
+        targets: which scored weights to mask: "attn", "mlp", "other" (decoder matrices of
+            that type), "decoder", "lm_head", "encoder"/"vision", "projector", "all", comma-
+            separated; or a regex searched in parameter names.
+        last_layers: only the last N decoder layers (reference: 20 of 32 for LLaVA-1.5-7B).
+        scope: "tensor", "row", "layer" or "global" (see module doc).
+    """
+    ratio = _check_ratio(update_ratio)
+    if scope not in SCOPES:
+        raise DowserError(f"scope={scope!r}: choose one of {', '.join(SCOPES)}")
+    scores.bind(model)
+    names = _select(scores, targets)
+    if last_layers is not None:
+        names = _last_layers(model, scores, names, last_layers)
+    groups = _groups(scores, names, scope)
+    masks: dict[str, torch.Tensor] = {}
+    for group in groups:
+        dense = [_checked_dense(scores, n) for n in group]
+        if scope == "row":
+            (name,) = group
+            masks[name] = _lowest_per_row(dense[0], ratio, scores.targets[name].transposed)
+        else:
+            k = round_half_up(ratio * sum(d.numel() for d in dense))
+            masks.update(zip(group, lowest_k(dense, k), strict=True))
+    masks = {n: masks[n] for n in scores.names if n in masks}  # model order
+    meta = {
+        "dowser_version": __version__,
+        "update_ratio": ratio,
+        "targets": targets,
+        "last_layers": last_layers,
+        "scope": scope,
+        "estimator": scores.meta.get("estimator"),
+    }
+    info = {
+        n: {"layer": t.layer, "kind": t.kind, "group": t.group}
+        for n, t in scores.targets.items()
+        if n in masks
+    }
+    fps = {n: scores.fingerprints[n] for n in masks}
+    return Mask(masks, meta=meta, info=info, fingerprints=fps)
+
+
+def round_half_up(x: float) -> int:
+    """round(x) with halves going up (Python's round() sends 2.5 to 2)."""
+    return int(math.floor(x + 0.5))
+
+
+def lowest_k(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Bool masks of the k smallest entries over all `scores` (non-negative floats).
+
+    Order: by value, then earlier tensor, then lower flat index, so the result is
+    deterministic and nested in k. One tensor: a k-th value selection; several: a bisection
+    over the float32 bit patterns (monotone for non-negative floats), never concatenating.
+    """
+    total = sum(s.numel() for s in scores)
+    if k <= 0:
+        return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
+    if k >= total:
+        return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+    bits = [s.float().abs().contiguous().view(torch.int32) for s in scores]  # abs: -0.0 -> 0.0
+    if len(bits) == 1:
+        threshold = int(torch.kthvalue(bits[0].reshape(-1), k).values)
+    else:
+        lo, hi = 0, max(int(b.max()) for b in bits)  # invariant: count(<= hi) >= k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if sum(int((b <= mid).sum()) for b in bits) >= k:
+                hi = mid
+            else:
+                lo = mid + 1
+        threshold = lo
+    masks = [b < threshold for b in bits]
+    remaining = k - sum(int(m.sum()) for m in masks)
+    for b, m in zip(bits, masks, strict=True):  # ties at the threshold, in position order
+        if remaining <= 0:
+            break
+        tied = (b.reshape(-1) == threshold).nonzero().squeeze(1)[:remaining]
+        m.view(-1)[tied] = True
+        remaining -= tied.numel()
+    return masks
+
+
+def _lowest_per_row(score: torch.Tensor, ratio: float, transposed: bool) -> torch.Tensor:
+    s = score.T if transposed else score  # rows = output units
+    k = round_half_up(ratio * s.shape[1])
+    order = torch.sort(s.float(), dim=1, stable=True).indices[:, :k]
+    m = torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True)
+    return m.T.contiguous() if transposed else m
+
+
+def _checked_dense(scores: Scores, name: str) -> torch.Tensor:
+    d = scores.dense(name)
+    if not torch.isfinite(d).all():
+        raise DowserError(
+            f"scores for {name} hold NaN or inf (the weights or the probe overflowed); "
+            "probe again in float32 (--dtype float32)"
+        )
+    return d
+
+
+def _check_ratio(update_ratio: float) -> float:
+    ok = isinstance(update_ratio, (int, float)) and not isinstance(update_ratio, bool)
+    if not ok or not math.isfinite(update_ratio) or not 0 < update_ratio <= 1:
+        raise DowserError(
+            f"update ratio {update_ratio!r} is outside (0, 1]: it is the fraction of each "
+            "matrix left trainable, e.g. 0.1"
+        )
+    return float(update_ratio)
+
+
+def _select(scores: Scores, targets: str) -> list[str]:
+    words = [w.strip() for w in targets.split(",") if w.strip()]
+    if words and all(w in KINDS or w in GROUP_WORDS or w == "all" for w in words):
+
+        def wanted(t) -> bool:
+            return (
+                "all" in words
+                or (t.group == "decoder" and (t.kind in words or "decoder" in words))
+                or any(GROUP_WORDS.get(w) == t.group and w != "decoder" for w in words)
+            )
+
+        names = [n for n, t in scores.targets.items() if wanted(t)]
+    else:
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise DowserError(
+                f"targets={targets!r} is neither module types nor a regex: {e}"
+            ) from None
+        names = [n for n in scores.names if pattern.search(n)]
+    if not names:
+        raise DowserError(
+            f"targets={targets!r} selects none of the {len(scores)} scored weights; use "
+            f"attn, mlp, decoder, lm_head, encoder, projector, all, or a regex over names "
+            f"such as {scores.names[0]!r}"
+        )
+    return names
+
+
+def _last_layers(model: nn.Module, scores: Scores, names: list[str], n: int) -> list[str]:
+    dec = find_decoder_layers(model)
+    if dec is None:
+        raise DowserError("last_layers needs a model with a decoder layer stack")
+    depth = len(dec[1])
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= depth:
+        raise DowserError(f"last_layers={n!r}: the decoder has {depth} layers; use 1..{depth}")
+    keep = []
+    for name in names:
+        t = scores.targets[name]
+        if t.group != "decoder" or t.layer >= depth - n:
+            keep.append(name)
+    return keep
+
+
+def _groups(scores: Scores, names: list[str], scope: str) -> list[list[str]]:
+    if scope in ("tensor", "row"):
+        return [[n] for n in names]
+    if scope == "global":
+        return [names]
+    by_layer: dict[object, list[str]] = {}
+    for n in names:
+        t = scores.targets[n]
+        key = ("layer", t.layer) if t.group == "decoder" else ("tensor", n)
+        by_layer.setdefault(key, []).append(n)
+    return list(by_layer.values())
+
+
+def _pack(t: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> uint8, 8 entries a byte (most significant bit first)."""
+    flat = t.reshape(-1).to(torch.uint8).cpu()
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    return (flat.view(-1, 8) * _BITS).sum(1).to(torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    n = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
+        raise RuntimeError("packed size does not match the recorded shape")
+    bits = (packed[:, None] & _BITS) != 0
+    return bits.reshape(-1)[:n].reshape(shape)
+
+
+def _guess_info(name: str) -> dict:
+    """Layer and kind from a parameter name, for masks built from a plain dict."""
+    layers = re.findall(r"\.(\d+)\.", name)
+    low = name.lower()
+    kind = "attn" if ("attn" in low or "attention" in low) else "mlp" if "mlp" in low else "other"
+    return {"layer": int(layers[-1]) if layers else None, "kind": kind}
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"

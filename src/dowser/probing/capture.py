@@ -1,0 +1,120 @@
+"""Hooks that gather, for every target linear z = W h, the statistics the score needs.
+
+Per forward pass:  a = mean |h| over valid tokens                      (d_in,)
+Per backward pass: psi = mean |dL/dz| or mean (dL/dz)^2 over tokens    (d_out,)
+
+Gradients are taken only with respect to layer outputs, never parameters: every parameter is
+set to requires_grad=False for the duration, and each target's output gets `+ zero`, a 0-dim
+leaf that requires grad, so that one `torch.autograd.grad(scalar, zero)` walks the whole graph
+and fires a tensor hook on every output. Each hook reduces its gradient to a d_out vector at
+once, so no gradient larger than one layer's output ever lives at the same time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dowser.targets import Target
+
+
+@dataclass
+class Stats:
+    """Running sums for one target. All float32, on the target's device."""
+
+    act_sum: torch.Tensor | None = None  # (d_in,) sum of |h| over tokens this batch
+    act_n: int = 0  # tokens summed into act_sum
+    grad_sum: torch.Tensor | None = None  # (d_out,) sum of |g| or g^2 over tokens and probes
+    grad_n: int = 0  # token-probe observations summed into grad_sum
+
+
+def _token_sum(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """Sum of x over all leading dims (float32), counting only valid tokens.
+
+    `mask` (B, T) applies when x is (B, T, d); other shapes (vision patches, flattened tokens)
+    are summed over everything.
+    """
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        m = mask.to(device=x.device, dtype=torch.float32)
+        return torch.einsum("btd,bt->d", x.float(), m), int(mask.sum())
+    flat = x.reshape(-1, x.shape[-1])
+    return flat.sum(0, dtype=torch.float32), flat.shape[0]
+
+
+class Recorder:
+    """Collects activation and output-gradient statistics for `targets` (see module doc).
+
+    Use through `recording(model, targets, square=...)`, which registers and always removes
+    the hooks. Before each forward set `token_mask` (B, T) to the valid (non-padding) tokens.
+    """
+
+    def __init__(self, targets: Sequence[Target], square: bool):
+        self.targets = list(targets)
+        self.square = square  # accumulate g^2 (rms) instead of |g| (mean-abs)
+        self.stats = {t.module: Stats() for t in self.targets}
+        self.token_mask: torch.Tensor | None = None
+        self.zero = torch.zeros((), requires_grad=True)  # the leaf every output hangs from
+
+    def forward_hook(self, target: Target):
+        want_grad = target.group != "lm_head"  # the reference fixes the head's psi to 1
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor):
+            stats = self.stats[target.module]  # looked up per call: reset() replaces it
+            h = args[0] if args else None
+            if isinstance(h, torch.Tensor):
+                s, n = _token_sum(h.detach().abs(), self.token_mask)
+                stats.act_sum = s if stats.act_sum is None else stats.act_sum + s
+                stats.act_n += n
+            if not want_grad or not torch.is_grad_enabled():
+                return None
+            output = output + self.zero.to(output.device)  # 0-dim: keeps the output dtype
+            output.register_hook(self.grad_hook(stats))
+            return output
+
+        return hook
+
+    def grad_hook(self, stats: Stats):
+        def hook(g: torch.Tensor):
+            g = g.detach()
+            s, n = _token_sum(g * g if self.square else g.abs(), self.token_mask)
+            stats.grad_sum = s if stats.grad_sum is None else stats.grad_sum + s
+            stats.grad_n += n
+
+        return hook
+
+    def backward(self, scalar: torch.Tensor, *, retain_graph: bool) -> None:
+        """One probe: fire every output hook with d(scalar)/dz."""
+        if not scalar.requires_grad:  # no target lies on the path to f
+            return
+        torch.autograd.grad(scalar, [self.zero], retain_graph=retain_graph, allow_unused=True)
+
+    def reset(self) -> None:
+        """Forget the sums (between batches, after they were read)."""
+        for t in self.targets:
+            self.stats[t.module] = Stats()
+
+
+@contextmanager
+def recording(
+    model: nn.Module, targets: Sequence[Target], *, square: bool = False
+) -> Iterator[Recorder]:
+    """Register the recorder's hooks and freeze every parameter; undo both on exit, even on error."""
+    recorder = Recorder(targets, square)
+    modules = dict(model.named_modules())
+    handles = []
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved_flags:
+            p.requires_grad_(False)
+        for t in targets:
+            handles.append(modules[t.module].register_forward_hook(recorder.forward_hook(t)))
+        yield recorder
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)

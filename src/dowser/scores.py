@@ -1,0 +1,196 @@
+"""Importance scores S_ij = ||J_i|| |W_ij| |h_j|, kept as factors and formed on demand.
+
+For each probed weight W (d_out x d_in) probing keeps K observations (psi_k, a_k, w_k):
+psi_k (d_out) a sensitivity vector, a_k (d_in) a mean |input| vector, w_k the number of
+(batch, probe) pairs behind them. The score is
+
+    S = |W| * (sum_k w_k psi_k a_k^T) / sum_k w_k            (d_out, d_in), float32
+
+a rank-K sum of outer products, so nothing dense is stored: a file holds the vectors plus
+metadata, and `dense(name)` forms one matrix when asked. Conv1D weights (stored d_in x d_out)
+get their score in the same (transposed) layout as the parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dowser.errors import DowserError
+from dowser.fingerprint import mismatches
+from dowser.io import PathLike, load_safetensors, save_safetensors
+from dowser.targets import Target
+
+FORMAT = 1
+
+
+@dataclass
+class Factors:
+    """The K observations behind one weight's score (see module doc)."""
+
+    psi: torch.Tensor  # (K, d_out) float32 sensitivities
+    act: torch.Tensor  # (K, d_in) float32 mean |h|
+    weight: torch.Tensor  # (K,) float32, observations behind each row
+
+    def outer(self) -> torch.Tensor:
+        """(sum_k w_k psi_k a_k^T) / sum_k w_k, shape (d_out, d_in), float32."""
+        w = self.weight / self.weight.sum()
+        return (self.psi * w[:, None]).T @ self.act
+
+
+class Scores:
+    """Probing results for a set of weights: `dense(name)` gives S for one of them.
+
+    Names are parameter names as in `model.named_parameters()`. Scores returned by
+    `dowser.probe` are bound to the probed model (its weights give |W|); loaded ones are bound
+    with `Scores.load(path, model=...)` or `.bind(model)`, which also check that the model is
+    the one that was probed.
+    """
+
+    def __init__(
+        self,
+        factors: dict[str, Factors],
+        targets: dict[str, Target],
+        meta: dict,
+        fingerprints: dict[str, str],
+        model: nn.Module | None = None,
+    ):
+        self.factors = factors
+        self.targets = targets
+        self.meta = meta  # estimator, counts, seed, version, ...
+        self.fingerprints = fingerprints
+        self._params: dict[str, torch.Tensor] | None = None
+        if model is not None:
+            self.bind(model, check=False)
+
+    @property
+    def names(self) -> list[str]:
+        """The scored weight parameters, in model order."""
+        return list(self.factors)
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.factors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.factors
+
+    def __repr__(self) -> str:
+        est = self.meta.get("estimator")
+        return f"Scores({len(self)} weights, estimator={est!r}, bound={self._params is not None})"
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter shape of every scored weight."""
+        return {n: _param_shape(t) for n, t in self.targets.items()}
+
+    def bind(self, model: nn.Module, *, check: bool = True) -> Scores:
+        """Use `model`'s weights for |W|; with `check`, refuse a model that was not probed."""
+        if check:
+            self.check(model)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        self._params = {n: params[n] for n in self.factors}
+        return self
+
+    def check(self, model: nn.Module) -> None:
+        """Raise DowserError unless `model` has the probed weights (names, shapes, values)."""
+        missing, wrong_shape, other = mismatches(self.fingerprints, model, self.shapes)
+        problem = _describe(missing, wrong_shape, other)
+        if problem:
+            raise DowserError(
+                f"these scores do not fit this model: {problem}; probe this model with "
+                "`dowser probe` (or dowser.probe) to get scores for it"
+            )
+
+    def outer(self, name: str) -> torch.Tensor:
+        """The sensitivity x activation factor without |W|, in the parameter's layout."""
+        c = self._factors(name).outer()
+        return c.T if self.targets[name].transposed else c
+
+    def dense(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """S = |W| * factor for weight `name`: float32, the parameter's shape and device."""
+        if weight is None:
+            if self._params is None:
+                raise DowserError(
+                    "these scores are not bound to a model: use Scores.load(path, model=model) "
+                    "or scores.bind(model), or pass weight="
+                )
+            weight = self._params[name]
+        c = self.outer(name).to(weight.device)
+        if tuple(c.shape) != tuple(weight.shape):
+            raise DowserError(
+                f"{name}: weight shape {tuple(weight.shape)} != score {tuple(c.shape)}"
+            )
+        return weight.detach().abs().float().mul_(c)
+
+    def _factors(self, name: str) -> Factors:
+        try:
+            return self.factors[name]
+        except KeyError:
+            raise DowserError(
+                f"no scores for {name!r}; scored weights look like {self.names[:3]}"
+            ) from None
+
+    def save(self, path: PathLike, *, overwrite: bool = False) -> Path:
+        """Write the factors and metadata to a safetensors file (atomically)."""
+        tensors = {}
+        for name, f in self.factors.items():
+            tensors[f"{name}::psi"] = f.psi
+            tensors[f"{name}::act"] = f.act
+            tensors[f"{name}::weight"] = f.weight
+        meta = {
+            **self.meta,
+            "kind": "scores",
+            "format": FORMAT,
+            "targets": {n: asdict(t) for n, t in self.targets.items()},
+            "fingerprints": self.fingerprints,
+        }
+        return save_safetensors(tensors, path, meta, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: PathLike, model: nn.Module | None = None) -> Scores:
+        """Read scores written by `save`; with `model`, bind to it after checking it fits."""
+        tensors, meta = load_safetensors(path, kind="scores")
+        if meta.get("format") != FORMAT:
+            raise DowserError(f"{path}: scores format {meta.get('format')} is not supported")
+        targets = {n: Target(**t) for n, t in meta.pop("targets").items()}
+        fingerprints = meta.pop("fingerprints")
+        try:
+            factors = {
+                n: Factors(tensors[f"{n}::psi"], tensors[f"{n}::act"], tensors[f"{n}::weight"])
+                for n in targets
+            }
+        except KeyError as e:
+            raise DowserError(f"{path} is incomplete: tensor {e} is missing") from None
+        for n, f in factors.items():
+            t = targets[n]
+            if f.psi.shape[-1] != t.out_features or f.act.shape[-1] != t.in_features:
+                raise DowserError(f"{path} is corrupt: factor shapes of {n} do not match")
+        scores = cls(factors, targets, meta, fingerprints)
+        if model is not None:
+            scores.bind(model)
+        return scores
+
+
+def _param_shape(t: Target) -> tuple[int, int]:
+    return (t.in_features, t.out_features) if t.transposed else (t.out_features, t.in_features)
+
+
+def _describe(missing: list[str], wrong_shape: list[str], other: list[str]) -> str:
+    """One line naming what differs, for error messages."""
+    parts = []
+    for label, names in (
+        ("missing weights", missing),
+        ("weights of another shape", wrong_shape),
+        ("weights with other values", other),
+    ):
+        if names:
+            more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+            parts.append(f"{len(names)} {label} ({', '.join(names[:2])}{more})")
+    return "; ".join(parts)

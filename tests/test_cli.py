@@ -1,0 +1,241 @@
+"""The `dowser` command on real checkpoint directories, and every user error it must catch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dowser import Mask, Scores
+from dowser.cli import main
+from dowser.hf import load_model
+from dowser.tiny import ARCHS, build_checkpoint
+
+FAST = ["--num-samples", "4", "--batch-size", "2", "--num-probes", "2", "--seq-len", "8", "--quiet"]
+# Qwen2-VL's processor cannot load without torchvision (not installable beside the CPU torch):
+# it is probed on text, as a user without the processor would.
+NOISE = {"llava", "idefics3", "paligemma"}
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_probe_mask_inspect(arch, checkpoint_dirs, tmp_path, capsys):
+    model_dir = checkpoint_dirs[arch]
+    scores_path, mask_path = tmp_path / "scores.safetensors", tmp_path / "mask.safetensors"
+    images = ["--images", "noise", "--layers", "decoder,vision"] if arch in NOISE else []
+    code, out, err = run(["probe", model_dir, "--out", scores_path, *FAST, *images], capsys)
+    assert code == 0, err
+    assert "wrote" in out
+    code, out, err = run(
+        [
+            "mask",
+            scores_path,
+            "--model",
+            model_dir,
+            "--ratio",
+            "0.2",
+            "--last-layers",
+            "1",
+            "--out",
+            mask_path,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "20.0%" in out
+    model, _, _ = load_model(model_dir)
+    mask = Mask.load(mask_path, model=model)
+    assert len(mask) == 7 and all(".1." in n for n in mask)  # last of 2 layers
+    scores = Scores.load(scores_path, model=model)
+    if arch in NOISE:
+        assert any(t.group == "encoder" for t in scores.targets.values())
+    code, out, _ = run(["inspect", scores_path], capsys)
+    assert code == 0 and "estimator: mean-abs" in out
+    code, out, _ = run(["inspect", mask_path], capsys)
+    assert code == 0 and "update_ratio=0.2" in out and "mlp" in out
+
+
+def test_rms_and_regex_options(checkpoint_dirs, tmp_path, capsys):
+    out_path = tmp_path / "s.safetensors"
+    code, _, err = run(
+        [
+            "probe",
+            checkpoint_dirs["llama"],
+            "--out",
+            out_path,
+            *FAST,
+            "--estimator",
+            "rms",
+            "--layers",
+            "mlp",
+            "--no-lm-head",
+            "--dtype",
+            "bfloat16",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    scores = Scores.load(out_path)
+    assert scores.meta["estimator"] == "rms"
+    assert scores.names and all(".mlp." in n for n in scores.names)
+
+
+def user_error(argv, capsys, match):
+    code, out, err = run(argv, capsys)
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert match in lines[-1], err
+    return err
+
+
+def test_user_errors(checkpoint_dirs, tmp_path, capsys):
+    llama, qwen = checkpoint_dirs["llama"], checkpoint_dirs["qwen2"]
+    scores_path = tmp_path / "s.safetensors"
+    assert run(["probe", llama, "--out", scores_path, *FAST], capsys)[0] == 0
+    mask_path = tmp_path / "m.safetensors"
+    assert run(["mask", scores_path, "--model", llama, "--out", mask_path], capsys)[0] == 0
+    before = (scores_path.read_bytes(), mask_path.read_bytes())
+
+    # existing outputs are kept unless --overwrite
+    user_error(["probe", llama, "--out", scores_path, *FAST], capsys, "already exists")
+    user_error(
+        ["mask", scores_path, "--model", llama, "--out", mask_path], capsys, "already exists"
+    )
+    # scores for another model
+    user_error(
+        ["mask", scores_path, "--model", qwen, "--out", tmp_path / "x.safetensors"],
+        capsys,
+        "do not fit this model",
+    )
+    # missing and wrong files
+    user_error(
+        ["probe", tmp_path / "no-model", "--out", tmp_path / "x.safetensors"],
+        capsys,
+        "does not exist",
+    )
+    user_error(
+        [
+            "mask",
+            tmp_path / "none.safetensors",
+            "--model",
+            llama,
+            "--out",
+            tmp_path / "x.safetensors",
+        ],
+        capsys,
+        "does not exist",
+    )
+    user_error(
+        ["mask", mask_path, "--model", llama, "--out", tmp_path / "x.safetensors"],
+        capsys,
+        "not scores",
+    )
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(scores_path.read_bytes()[:200])
+    user_error(
+        ["mask", corrupt, "--model", llama, "--out", tmp_path / "x.safetensors"],
+        capsys,
+        "not a readable safetensors",
+    )
+    user_error(["inspect", corrupt], capsys, "not a readable safetensors")
+    user_error(
+        ["probe", llama, "--out", tmp_path / "missing-dir" / "s.safetensors"],
+        capsys,
+        "does not exist",
+    )
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    user_error(["probe", empty, "--out", tmp_path / "x.safetensors"], capsys, "no config.json")
+    user_error(
+        ["probe", llama, "--out", tmp_path / "x.safetensors", "--images", "noise", *FAST],
+        capsys,
+        "processor",
+    )
+    user_error(
+        ["probe", llama, "--out", tmp_path / "x.safetensors", "--dtype", "float8"], capsys, "dtype"
+    )
+    user_error(
+        ["probe", llama, "--out", tmp_path / "x.safetensors", "--layers", "nomatch$"],
+        capsys,
+        "matched no linear layer",
+    )
+    user_error(
+        [
+            "mask",
+            scores_path,
+            "--model",
+            llama,
+            "--out",
+            tmp_path / "x.safetensors",
+            "--last-layers",
+            "9",
+        ],
+        capsys,
+        "last_layers",
+    )
+    assert not (tmp_path / "x.safetensors").exists()
+    assert (scores_path.read_bytes(), mask_path.read_bytes()) == before
+
+
+@pytest.mark.parametrize("ratio", ["0", "1.5", "-0.1", "abc"])
+def test_bad_ratio_is_rejected_by_the_parser(ratio, checkpoint_dirs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "mask",
+                "s.safetensors",
+                "--model",
+                "m",
+                "--ratio",
+                ratio,
+                "--out",
+                str(tmp_path / "m.safetensors"),
+            ]
+        )
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--ratio" in err and "Traceback" not in err
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, capsys):
+    model_dir = build_checkpoint("llama", tmp_path / "m")
+    (model_dir / "model.safetensors").unlink()
+    torch.save({}, model_dir / "pytorch_model.bin")  # a pickle file: must not be loaded
+    user_error(["probe", model_dir, "--out", tmp_path / "s.safetensors"], capsys, "safetensors")
+
+
+def test_console_script_and_module_entry_points(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "dowser", "--help"], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 0 and "probe" in res.stdout and "mask" in res.stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "dowser", "inspect", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"dowser inspect: error: {tmp_path / 'nope'} does not exist"
+
+
+def test_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert run(["demo", "--out", out, "--quiet"], capsys)[0] == 0
+    assert {p.name for p in out.iterdir()} >= {
+        "model",
+        "scores.safetensors",
+        "mask.safetensors",
+        "summary.json",
+    }
+    user_error(["demo", "--out", out, "--quiet"], capsys, "not empty")
