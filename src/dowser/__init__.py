@@ -9,6 +9,19 @@ from dowser.errors import DowserError
 from dowser.mask import Mask, build_mask
 from dowser.probing import ESTIMATORS, probe
 from dowser.scores import Scores
+from dowser.train import GradientMask, SparseAdamW, mask_gradients, prepare_model
 from dowser.version import __version__
 
-__all__ = ["ESTIMATORS", "DowserError", "Mask", "Scores", "__version__", "build_mask", "probe"]
+__all__ = [
+    "ESTIMATORS",
+    "DowserError",
+    "GradientMask",
+    "Mask",
+    "Scores",
+    "SparseAdamW",
+    "__version__",
+    "build_mask",
+    "mask_gradients",
+    "prepare_model",
+    "probe",
+]

@@ -1,0 +1,150 @@
+"""Which parameters train, and gradient masking (the reference's way of freezing entries).
+
+`prepare_model` sets `requires_grad`: True for every masked weight and, by default, for the
+norms of the decoder layers the mask reaches (the reference trains those densely); False
+for everything else (embeddings, vision tower, projector, untouched layers, biases).
+
+`mask_gradients` then zeroes the gradient of every frozen entry with a tensor hook, as the
+reference does. Zero gradients alone do not keep a weight still: AdamW's decoupled weight
+decay (p <- p (1 - lr wd)) moves every entry, and so does momentum left over from earlier
+steps. `GradientMask.attach(optimizer)` closes that gap: around each optimizer step it puts
+the frozen entries back exactly as they were (one transient copy of the masked weights per
+step), so frozen entries stay bit-identical whatever the optimizer and its settings.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dowser.errors import DowserError
+from dowser.mask import Mask
+from dowser.targets import find_decoder_layers
+
+
+def masked_parameters(model: nn.Module, mask: Mask) -> dict[str, nn.Parameter]:
+    """The model's parameters named in `mask`, after checking names and shapes."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in mask if n not in params]
+    if missing:
+        raise DowserError(
+            f"the mask names {len(missing)} weights this model does not have (e.g. {missing[0]}); "
+            "it was built for another model"
+        )
+    for n, m in mask.items():
+        if tuple(params[n].shape) != tuple(m.shape):
+            raise DowserError(
+                f"mask for {n} has shape {tuple(m.shape)}, the model's weight {tuple(params[n].shape)}"
+            )
+    return {n: params[n] for n in mask}
+
+
+def tuned_norms(model: nn.Module, mask: Mask) -> dict[str, nn.Parameter]:
+    """Parameters of normalisation layers inside the decoder layers that `mask` reaches."""
+    dec = find_decoder_layers(model)
+    layers = {mask.info[n].get("layer") for n in mask} - {None}
+    if dec is None or not layers:
+        return {}
+    path, blocks = dec
+    out = {}
+    for i in sorted(layers):
+        if i >= len(blocks):
+            continue
+        for mname, module in blocks[i].named_modules():
+            if "norm" not in type(module).__name__.lower():
+                continue
+            for pname, p in module.named_parameters(recurse=False):
+                out[".".join(x for x in (path, str(i), mname, pname) if x)] = p
+    return out
+
+
+def prepare_model(model: nn.Module, mask: Mask, *, train_norms: bool = True) -> dict[str, bool]:
+    """Set requires_grad for sparse fine-tuning; return the previous flags (name -> bool).
+
+    True: the masked weights (their trainable entries learn) and, with `train_norms`, the
+    norms of the decoder layers the mask reaches (trained densely, as the reference).
+    False: every other parameter.
+    """
+    masked = masked_parameters(model, mask)
+    dense = tuned_norms(model, mask) if train_norms else {}
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in [*masked.values(), *dense.values()]:
+        p.requires_grad_(True)
+    return before
+
+
+class GradientMask:
+    """Handle of `mask_gradients`: hooks that zero frozen entries' gradients.
+
+    Use as a context manager, or call `remove()`; both remove every hook and restore the
+    previous requires_grad flags.
+    """
+
+    def __init__(self, model: nn.Module, mask: Mask, *, train_norms: bool = True):
+        self.model = model
+        self.params = masked_parameters(model, mask)
+        # bool mask on each weight's device (1 byte per entry, as the reference keeps)
+        self.masks = {n: mask[n].to(p.device) for n, p in self.params.items()}
+        self._flags = prepare_model(model, mask, train_norms=train_norms)
+        self._handles = [
+            p.register_hook(self._zero_frozen(self.masks[n])) for n, p in self.params.items()
+        ]
+        self._saved: list[torch.Tensor] | None = None
+
+    @staticmethod
+    def _zero_frozen(m: torch.Tensor):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            return grad.masked_fill(~m, 0)
+
+        return hook
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> GradientMask:
+        """Keep frozen entries bit-identical through `optimizer.step()` (see module doc)."""
+        self._handles.append(optimizer.register_step_pre_hook(self._save))
+        self._handles.append(optimizer.register_step_post_hook(self._restore))
+        return self
+
+    @torch.no_grad()
+    def _save(self, optimizer, args, kwargs) -> None:
+        self._saved = [p.detach().clone() for p in self.params.values()]
+
+    @torch.no_grad()
+    def _restore(self, optimizer, args, kwargs) -> None:
+        if self._saved is None:
+            return
+        for (n, p), old in zip(self.params.items(), self._saved, strict=True):
+            p.copy_(torch.where(self.masks[n], p, old))
+        self._saved = None
+
+    def remove(self) -> None:
+        """Remove all hooks and restore the requires_grad flags from before."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for n, p in self.model.named_parameters():
+            if n in self._flags:
+                p.requires_grad_(self._flags[n])
+
+    def __enter__(self) -> GradientMask:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def mask_gradients(model: nn.Module, mask: Mask, *, train_norms: bool = True) -> GradientMask:
+    """Freeze by gradient masking (reference): only the mask's trainable entries learn.
+
+    Sets requires_grad as `prepare_model`, and zeroes the gradient of every frozen entry of
+    the masked weights with a tensor hook (so it works with gradient accumulation,
+    checkpointing and DDP, whose hooks run after). With weight decay > 0 or a momentum
+    optimizer, frozen entries would still move: call `.attach(optimizer)` to keep them exact.
+
+        with dowser.mask_gradients(model, mask) as gm:
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+            gm.attach(opt)
+            ...train...
+    """
+    return GradientMask(model, mask, train_norms=train_norms)
