@@ -9,7 +9,15 @@ from dowser.errors import DowserError
 from dowser.mask import Mask, build_mask
 from dowser.probing import ESTIMATORS, probe
 from dowser.scores import Scores
-from dowser.train import GradientMask, SparseAdamW, mask_gradients, prepare_model
+from dowser.train import (
+    GradientMask,
+    SparseAdamW,
+    apply_delta,
+    mask_gradients,
+    prepare_model,
+    save_delta,
+    save_merged,
+)
 from dowser.version import __version__
 
 __all__ = [
@@ -20,8 +28,20 @@ __all__ = [
     "Scores",
     "SparseAdamW",
     "__version__",
+    "apply_delta",
     "build_mask",
     "mask_gradients",
     "prepare_model",
     "probe",
+    "save_delta",
+    "save_merged",
 ]
+
+
+def __getattr__(name: str):
+    # transformers is heavy to import: load the Trainer integration only when asked for.
+    if name == "DowserTrainer":
+        from dowser.train.trainer import DowserTrainer
+
+        return DowserTrainer
+    raise AttributeError(f"module 'dowser' has no attribute {name!r}")

@@ -2,6 +2,8 @@
 
     dowser probe MODEL_DIR --out scores.safetensors      # once per base model, no data
     dowser mask SCORES --model MODEL_DIR --ratio 0.1 --out mask.safetensors
+    dowser train MODEL_DIR --mask mask.safetensors --data train.jsonl --out OUT_DIR
+    dowser apply-delta BASE_DIR OUT_DIR/delta.safetensors --out MERGED_DIR
     dowser inspect FILE                                  # what a scores or mask file holds
     dowser demo --out DIR                                # the whole thing on a built-in model
 
@@ -151,6 +153,85 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     m.set_defaults(func=_cmd_mask)
 
+    t = sub.add_parser(
+        "train",
+        help="sparse fine-tuning with a mask (HF Trainer)",
+        description="Fine-tune only the trainable entries of a mask on a JSON Lines or LLaVA "
+        "JSON data file; OUT_DIR gets the merged checkpoint (and the sparse delta if asked).",
+    )
+    t.add_argument("model_dir", metavar="MODEL_DIR", help="local checkpoint directory")
+    t.add_argument("--mask", required=True, help="mask file from `dowser mask`")
+    t.add_argument(
+        "--data",
+        required=True,
+        help='JSON Lines of {"image", "prompt", "answer"} or LLaVA JSON with "conversations"; '
+        "image paths relative to the file",
+    )
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    t.add_argument("--batch-size", type=_positive, default=4, help="examples per device per step")
+    t.add_argument("--grad-accum", type=_positive, default=1, help="gradient accumulation steps")
+    t.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (reference 2e-5)")
+    t.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="decoupled weight decay; frozen entries never decay",
+    )
+    t.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=0.03,
+        help="fraction of steps warming up (reference 0.03)",
+    )
+    t.add_argument(
+        "--scheduler", default="cosine", help="HF scheduler name: cosine, linear, constant, ..."
+    )
+    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    t.add_argument(
+        "--max-length", type=_positive, default=1024, help="tokens per example, longer ones are cut"
+    )
+    t.add_argument("--seed", type=int, default=0, help="training seed")
+    t.add_argument(
+        "--optimizer",
+        choices=["sparse-adamw", "masked-adamw"],
+        default="sparse-adamw",
+        help="sparse-adamw: state only for trainable entries; masked-adamw: dense AdamW with "
+        "masked gradients (reference), frozen entries still kept exact",
+    )
+    t.add_argument("--save-delta", action="store_true", help="also write OUT/delta.safetensors")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
+    t.add_argument(
+        "--save-steps", type=int, default=0, help="checkpoint every N steps (default: each epoch)"
+    )
+    t.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    t.add_argument("--dtype", default=None, help="weights dtype: float32 (default), bfloat16, ...")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
+    t.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code"
+    )
+    t.add_argument(
+        "--overwrite", action="store_true", help="replace the contents of a non-empty --out"
+    )
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=_cmd_train)
+
+    a = sub.add_parser(
+        "apply-delta",
+        help="apply a sparse delta to its base checkpoint",
+        description="Write BASE + DELTA as a Hugging Face checkpoint; refuses another base.",
+    )
+    a.add_argument("base", metavar="BASE", help="the base checkpoint directory that was fine-tuned")
+    a.add_argument("delta", metavar="DELTA", help="delta file from `dowser train --save-delta`")
+    a.add_argument("--out", required=True, help="directory for the merged checkpoint")
+    a.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code"
+    )
+    a.add_argument("--overwrite", action="store_true", help="replace files in a non-empty --out")
+    a.set_defaults(func=_cmd_apply_delta)
+
     i = sub.add_parser(
         "inspect",
         help="describe a scores or mask file",
@@ -234,6 +315,18 @@ def _cmd_mask(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from dowser.train.recipe import run_train
+
+    run_train(args)
+
+
+def _cmd_apply_delta(args: argparse.Namespace) -> None:
+    from dowser.train.recipe import run_apply_delta
+
+    run_apply_delta(args)
+
+
 def _cmd_inspect(args: argparse.Namespace) -> None:
     print(describe_file(args.file))
 
@@ -252,6 +345,11 @@ def describe_file(path: str | Path) -> str:
             for k in ("update_ratio", "scope", "targets", "last_layers", "estimator")
         )
         return f"{path}: mask ({settings})\n{mask.summary()}"
+    if kind == "delta":
+        lines = [f"{path}: sparse delta of {len(meta['sparse'])} masked weights"]
+        lines.append(f"  densely trained tensors: {len(meta['dense'])}")
+        lines.append(f"  dowser_version: {meta.get('dowser_version')}")
+        return "\n".join(lines)
     if kind == "scores":
         targets = meta.get("targets", {})
         groups: dict[str, int] = {}
@@ -282,9 +380,20 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), overwrite=args.overwrite, progress=not args.quiet)
 
 
+def _silence_progress_bars() -> None:
+    """--quiet: also silence transformers' and huggingface_hub's own bars."""
+    import huggingface_hub.utils
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dowser` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        _silence_progress_bars()
     try:
         args.func(args)
     except DowserError as e:

@@ -1,0 +1,117 @@
+"""The `dowser train` recipe: a local checkpoint + a mask + a data file -> a fine-tuned dir.
+
+Library pieces (data, DowserTrainer, artifacts) do the work; this module only wires them to
+command-line settings and checks everything a user can get wrong before training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dowser.errors import DowserError
+
+CHECKPOINTS = "checkpoints"  # Trainer checkpoints inside OUT_DIR, for --resume
+
+
+def _check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DowserError(f"{out} exists and is not a directory")
+    if resume:
+        if not (out / CHECKPOINTS).is_dir():
+            raise DowserError(f"--resume: {out / CHECKPOINTS} holds no checkpoint to resume from")
+        return
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DowserError(
+            f"{out} is not empty; pass --resume to continue its run or --overwrite to replace it"
+        )
+
+
+def run_train(args: argparse.Namespace) -> Path:
+    """Fine-tune args.model_dir with args.mask on args.data into args.out (see cli.py)."""
+    import torch
+    from transformers import TrainingArguments
+
+    from dowser.hf import load_model, parse_dtype
+    from dowser.mask import Mask
+    from dowser.train.data import Collator, SupervisedDataset, load_examples
+    from dowser.train.trainer import DowserTrainer
+
+    out = Path(args.out)
+    _check_out(out, resume=args.resume, overwrite=args.overwrite)
+    examples = load_examples(args.data)
+    dtype = parse_dtype(args.dtype) if args.dtype else torch.float32
+    model, tokenizer, processor = load_model(
+        args.model_dir, dtype=dtype, trust_remote_code=args.trust_remote_code
+    )
+    mask = Mask.load(args.mask, model=model)
+    pre = processor if processor is not None else tokenizer
+    if pre is None:
+        raise DowserError(f"{args.model_dir} has no tokenizer or processor to encode the data")
+    dataset = SupervisedDataset(examples, pre, max_length=args.max_length)
+    dataset[0]  # encode one example now: template or length problems surface before training
+    tok = getattr(pre, "tokenizer", pre)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    training_args = TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_ratio,  # a float in [0, 1) is a fraction of all steps
+        lr_scheduler_type=args.scheduler,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        logging_steps=args.logging_steps,
+        save_strategy="steps" if args.save_steps else "epoch",
+        save_steps=args.save_steps or 500,
+        save_total_limit=2,
+        report_to="none",
+        remove_unused_columns=False,
+        use_cpu=device == "cpu",
+        bf16=args.bf16,
+        activation_checkpointing=args.gradient_checkpointing,
+        disable_tqdm=args.quiet,
+        dataloader_num_workers=0,
+    )
+    trainer = DowserTrainer(
+        model=model,
+        args=training_args,
+        mask=mask,
+        optimizer=args.optimizer,
+        train_dataset=dataset,
+        data_collator=Collator(pad_token_id=pad if pad is not None else 0),
+    )
+    try:
+        result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    except ValueError as e:
+        if "checkpoint" in str(e).lower():
+            raise DowserError(f"cannot resume: {e}") from None
+        raise
+    trainer.save_merged(out, preprocessors=[pre], source_dir=args.model_dir)
+    if args.save_delta:
+        trainer.save_delta(out / "delta.safetensors", overwrite=True)
+    loss = result.training_loss
+    print(f"trained {result.global_step} steps, mean loss {loss:.4f}; wrote the model to {out}")
+    if args.save_delta:
+        print(f"wrote the sparse delta to {out / 'delta.safetensors'}")
+    return out
+
+
+def run_apply_delta(args: argparse.Namespace) -> Path:
+    """Apply a delta to its base checkpoint and save the merged checkpoint."""
+    from dowser.hf import load_model
+    from dowser.train.artifacts import apply_delta, save_merged
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise DowserError(f"{out} exists and is not empty; pass --overwrite to replace its files")
+    model, tokenizer, processor = load_model(
+        args.base, dtype="auto", trust_remote_code=args.trust_remote_code
+    )
+    apply_delta(model, args.delta)
+    save_merged(model, out, preprocessors=[processor or tokenizer], source_dir=args.base)
+    print(f"applied {args.delta} to {args.base}; wrote {out}")
+    return out
