@@ -243,3 +243,29 @@ def test_built_mask_drives_training():
     opt = SparseAdamW(model, mask, lr=1e-2, weight_decay=0.1)
     train(model, opt, token_batches(64), 3)
     frozen_unchanged(before, model, mask)
+
+
+def test_adam_without_decay_keeps_frozen_entries_without_restore_hooks():
+    model = tiny_llama()
+    mask = random_mask(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with mask_gradients(model, mask) as gm:
+        opt = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0
+        )
+        n_hooks = len(gm._handles)
+        gm.attach(opt)
+        assert len(gm._handles) == n_hooks  # nothing to protect
+        train(model, opt, token_batches(64), 4)
+    frozen_unchanged(before, model, mask)
+    # SGD with momentum and decay does need them, and gets them
+    with mask_gradients(model, mask) as gm:
+        opt = torch.optim.SGD(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=1e-2,
+            momentum=0.9,
+            weight_decay=0.1,
+        )
+        gm.attach(opt)
+        train(model, opt, token_batches(64), 3)
+    frozen_unchanged(before, model, mask)

@@ -85,23 +85,34 @@ class GradientMask:
     def __init__(self, model: nn.Module, mask: Mask, *, train_norms: bool = True):
         self.model = model
         self.params = masked_parameters(model, mask)
-        # bool mask on each weight's device (1 byte per entry, as the reference keeps)
-        self.masks = {n: mask[n].to(p.device) for n, p in self.params.items()}
+        # bool masks on each weight's device, 1 byte per entry as the reference keeps; the
+        # frozen one is kept inverted so the hook is a single masked_fill
+        self._frozen = {n: ~mask[n].to(p.device) for n, p in self.params.items()}
         self._flags = prepare_model(model, mask, train_norms=train_norms)
         self._handles = [
-            p.register_hook(self._zero_frozen(self.masks[n])) for n, p in self.params.items()
+            p.register_post_accumulate_grad_hook(self._zero_frozen(self._frozen[n]))
+            for n, p in self.params.items()
         ]
         self._saved: list[torch.Tensor] | None = None
 
     @staticmethod
-    def _zero_frozen(m: torch.Tensor):
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            return grad.masked_fill(~m, 0)
+    def _zero_frozen(frozen: torch.Tensor):
+        # After accumulation, in place on p.grad: no new gradient-sized tensor per backward,
+        # and idempotent under gradient accumulation.
+        def hook(p: torch.Tensor) -> None:
+            p.grad.masked_fill_(frozen, 0)
 
         return hook
 
     def attach(self, optimizer: torch.optim.Optimizer) -> GradientMask:
-        """Keep frozen entries bit-identical through `optimizer.step()` (see module doc)."""
+        """Keep frozen entries bit-identical through `optimizer.step()` (see module doc).
+
+        Adam and AdamW without weight decay need nothing: a gradient that was zero from the
+        first step leaves both moments, and so the update, exactly zero. Any other optimizer
+        or setting gets the save-and-restore hooks.
+        """
+        if _moves_only_with_gradient(optimizer, self.params.values()):
+            return self
         self._handles.append(optimizer.register_step_pre_hook(self._save))
         self._handles.append(optimizer.register_step_post_hook(self._restore))
         return self
@@ -115,7 +126,7 @@ class GradientMask:
         if self._saved is None:
             return
         for (n, p), old in zip(self.params.items(), self._saved, strict=True):
-            p.copy_(torch.where(self.masks[n], p, old))
+            p.copy_(torch.where(self._frozen[n], old, p))
         self._saved = None
 
     def remove(self) -> None:
@@ -134,12 +145,24 @@ class GradientMask:
         self.remove()
 
 
+def _moves_only_with_gradient(optimizer: torch.optim.Optimizer, params) -> bool:
+    """True for Adam/AdamW whose groups holding `params` have no weight decay."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
+        return False
+    ids = {id(p) for p in params}
+    return all(
+        g.get("weight_decay", 0) == 0
+        for g in optimizer.param_groups
+        if any(id(p) in ids for p in g["params"])
+    )
+
+
 def mask_gradients(model: nn.Module, mask: Mask, *, train_norms: bool = True) -> GradientMask:
     """Freeze by gradient masking (reference): only the mask's trainable entries learn.
 
     Sets requires_grad as `prepare_model`, and zeroes the gradient of every frozen entry of
-    the masked weights with a tensor hook (so it works with gradient accumulation,
-    checkpointing and DDP, whose hooks run after). With weight decay > 0 or a momentum
+    the masked weights with a hook that runs after each gradient accumulation (so it works
+    with gradient accumulation and checkpointing, and before any optimizer or clipping). With weight decay > 0 or a momentum
     optimizer, frozen entries would still move: call `.attach(optimizer)` to keep them exact.
 
         with dowser.mask_gradients(model, mask) as gm:

@@ -93,7 +93,9 @@ class SparseAdamW(torch.optim.Optimizer):
         self._hooks = []
         if mask_grads:
             for p in masked.values():
-                self._hooks.append(p.register_hook(_keep_only(self._index[id(p)])))
+                self._hooks.append(
+                    p.register_post_accumulate_grad_hook(_keep_only(self._index[id(p)]))
+                )
 
     def remove_hooks(self) -> None:
         """Remove the gradient hooks that `mask_grads=True` registered on the model."""
@@ -189,11 +191,12 @@ class SparseAdamW(torch.optim.Optimizer):
 def _keep_only(idx: torch.Tensor):
     """A gradient hook that keeps the entries at flat indices `idx` and zeroes the rest."""
 
-    def hook(grad: torch.Tensor) -> torch.Tensor:
+    def hook(p: torch.Tensor) -> None:
         i = idx.long()
-        out = torch.zeros_like(grad)
-        out.view(-1).index_copy_(0, i, grad.reshape(-1).index_select(0, i))
-        return out
+        flat = p.grad.view(-1)
+        kept = flat.index_select(0, i)
+        flat.zero_()
+        flat.index_copy_(0, i, kept)
 
     return hook
 
