@@ -6,7 +6,10 @@ above the level before probing, sampled every 2 ms), peak GPU memory when on a G
 largest relative difference between the two score matrices.
 
     python bench/probe.py                  # ~30M-parameter Llama on the CPU (default)
-    python bench/probe.py --size 7b        # 7B-shaped Llama, random weights, needs a GPU
+    python bench/probe.py --size 7b --ref-batches 1 --compare 8 --repeat 1
+                                           # 7B-shaped Llama, random weights, needs a GPU;
+                                           # the reference (52 GB of host copies, ~minutes per
+                                           # batch) runs one batch and is extrapolated
 
 Writes bench/results/probe-<machine>.json.
 """
@@ -74,8 +77,12 @@ def worker(args) -> None:
                 dense = reference_probe(model, batches, targets, num_probes=args.num_probes, seed=0)
             if cuda:
                 torch.cuda.synchronize()
-        if args.algo == "dowser":
-            dense = {n: scores.dense(n) for n in scores.names}
+        if args.algo == "dowser":  # one matrix at a time; keep the ones compared
+            dense = {}
+            for i, n in enumerate(scores.names):
+                d = scores.dense(n)
+                if i < args.compare:
+                    dense[n] = d.cpu()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

@@ -53,7 +53,7 @@ def test_ties_are_broken_by_position_deterministically():
     assert torch.equal(again[0], ma) and torch.equal(again[1], mb)
 
 
-def test_lowest_k_bisection_matches_sorting():
+def test_lowest_k_radix_select_matches_sorting():
     g = torch.Generator().manual_seed(0)
     xs = [torch.randint(0, 20, (n,), generator=g).float() / 7 for n in (50, 1, 33)]
     order = torch.cat(xs).double() * 1e6 + torch.arange(84) * 1e-3  # value, then position

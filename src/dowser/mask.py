@@ -235,8 +235,8 @@ def lowest_k(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     """Bool masks of the k smallest entries over all `scores` (non-negative floats).
 
     Order: by value, then earlier tensor, then lower flat index, so the result is
-    deterministic and nested in k. One tensor: a k-th value selection; several: a bisection
-    over the float32 bit patterns (monotone for non-negative floats), never concatenating.
+    deterministic and nested in k. The k-th value is found by a two-pass radix select over
+    the float32 bit patterns (monotone for non-negative floats), never concatenating.
     """
     total = sum(s.numel() for s in scores)
     if k <= 0:
@@ -244,17 +244,7 @@ def lowest_k(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     if k >= total:
         return [torch.ones_like(s, dtype=torch.bool) for s in scores]
     bits = [s.float().abs().contiguous().view(torch.int32) for s in scores]  # abs: -0.0 -> 0.0
-    if len(bits) == 1:
-        threshold = int(torch.kthvalue(bits[0].reshape(-1), k).values)
-    else:
-        lo, hi = 0, max(int(b.max()) for b in bits)  # invariant: count(<= hi) >= k
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if sum(int((b <= mid).sum()) for b in bits) >= k:
-                hi = mid
-            else:
-                lo = mid + 1
-        threshold = lo
+    threshold = _kth_smallest(bits, k)
     masks = [b < threshold for b in bits]
     remaining = k - sum(int(m.sum()) for m in masks)
     for b, m in zip(bits, masks, strict=True):  # ties at the threshold, in position order
@@ -264,6 +254,21 @@ def lowest_k(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         m.view(-1)[tied] = True
         remaining -= tied.numel()
     return masks
+
+
+def _kth_smallest(bits: list[torch.Tensor], k: int) -> int:
+    """The k-th smallest (1-based) of non-negative int32 values spread over tensors.
+
+    Pass 1: histogram of the top 15 value bits (sign excluded) over all tensors; the k-th
+    value lies in the first bucket whose running count reaches k. Pass 2: exact selection
+    among that bucket's entries only.
+    """
+    hist = sum(torch.bincount((b.reshape(-1) >> 16).long(), minlength=1 << 15).cpu() for b in bits)
+    cum = hist.cumsum(0)
+    bucket = int(torch.searchsorted(cum, torch.tensor(k)))
+    below = int(cum[bucket - 1]) if bucket > 0 else 0
+    candidates = torch.cat([b.reshape(-1)[(b.reshape(-1) >> 16) == bucket].cpu() for b in bits])
+    return int(torch.kthvalue(candidates, k - below).values)
 
 
 def _lowest_per_row(score: torch.Tensor, ratio: float, transposed: bool) -> torch.Tensor:
