@@ -87,6 +87,12 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
+    if args.algo == "dowser" and args.ref_batches:
+        # the reference saw only the first batches: compare scores on those (untimed)
+        part = dowser.probe(
+            model, batches=batches[: args.ref_batches], num_probes=args.num_probes, progress=False
+        )
+        dense = {n: part.dense(n).cpu() for n in part.names[: args.compare]}
     dense = {n: dense[n] for n in list(dense)[: args.compare]}
     figures = {
         "seconds": seconds,

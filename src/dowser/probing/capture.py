@@ -32,32 +32,52 @@ class Stats:
     grad_n: int = 0  # token-probe observations summed into grad_sum
 
 
-def _token_sum(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-    """Sum of x over all leading dims (float32), counting only valid tokens.
+class TokenMask:
+    """The current batch's valid (non-padding) tokens, (B, T), for means over tokens.
 
-    `mask` (B, T) applies when x is (B, T, d); other shapes (vision patches, flattened tokens)
-    are summed over everything.
+    The count is read once per batch and float copies are made once per device, so hooks
+    never wait on the GPU.
     """
-    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        m = mask.to(device=x.device, dtype=torch.float32)
-        return torch.einsum("btd,bt->d", x.float(), m), int(mask.sum())
-    flat = x.reshape(-1, x.shape[-1])
-    return flat.sum(0, dtype=torch.float32), flat.shape[0]
+
+    def __init__(self, mask: torch.Tensor | None = None):
+        self.mask = mask
+        self.count = int(mask.sum()) if mask is not None else 0
+        self._float: dict[torch.device, torch.Tensor] = {}
+
+    def sum(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Sum of x over all leading dims (float32) and the number of rows summed.
+
+        The mask applies when x is (B, T, d); other shapes (vision patches, flattened
+        tokens) are summed over everything.
+        """
+        if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+            m = self._float.get(x.device)
+            if m is None:
+                m = self._float[x.device] = self.mask.to(device=x.device, dtype=torch.float32)
+            return torch.einsum("btd,bt->d", x.float(), m), self.count
+        flat = x.reshape(-1, x.shape[-1])
+        return flat.sum(0, dtype=torch.float32), flat.shape[0]
 
 
 class Recorder:
     """Collects activation and output-gradient statistics for `targets` (see module doc).
 
     Use through `recording(model, targets, square=...)`, which registers and always removes
-    the hooks. Before each forward set `token_mask` (B, T) to the valid (non-padding) tokens.
+    the hooks. Before each forward set `tokens = TokenMask(attention_mask)`.
     """
 
     def __init__(self, targets: Sequence[Target], square: bool):
         self.targets = list(targets)
         self.square = square  # accumulate g^2 (rms) instead of |g| (mean-abs)
         self.stats = {t.module: Stats() for t in self.targets}
-        self.token_mask: torch.Tensor | None = None
-        self.zero = torch.zeros((), requires_grad=True)  # the leaf every output hangs from
+        self.tokens = TokenMask()
+        # the leaves every output hangs from, one per device (no cross-device grads)
+        self.zeros: dict[torch.device, torch.Tensor] = {}
+
+    def _zero(self, device: torch.device) -> torch.Tensor:
+        if device not in self.zeros:
+            self.zeros[device] = torch.zeros((), device=device, requires_grad=True)
+        return self.zeros[device]
 
     def forward_hook(self, target: Target):
         want_grad = target.group != "lm_head"  # the reference fixes the head's psi to 1
@@ -66,12 +86,12 @@ class Recorder:
             stats = self.stats[target.module]  # looked up per call: reset() replaces it
             h = args[0] if args else None
             if isinstance(h, torch.Tensor):
-                s, n = _token_sum(h.detach().abs(), self.token_mask)
+                s, n = self.tokens.sum(h.detach().abs())
                 stats.act_sum = s if stats.act_sum is None else stats.act_sum + s
                 stats.act_n += n
             if not want_grad or not torch.is_grad_enabled():
                 return None
-            output = output + self.zero.to(output.device)  # 0-dim: keeps the output dtype
+            output = output + self._zero(output.device)  # 0-dim: keeps the output dtype
             output.register_hook(self.grad_hook(stats))
             return output
 
@@ -80,7 +100,7 @@ class Recorder:
     def grad_hook(self, stats: Stats):
         def hook(g: torch.Tensor):
             g = g.detach()
-            s, n = _token_sum(g * g if self.square else g.abs(), self.token_mask)
+            s, n = self.tokens.sum(g * g if self.square else g.abs())
             stats.grad_sum = s if stats.grad_sum is None else stats.grad_sum + s
             stats.grad_n += n
 
@@ -90,7 +110,8 @@ class Recorder:
         """One probe: fire every output hook with d(scalar)/dz."""
         if not scalar.requires_grad:  # no target lies on the path to f
             return
-        torch.autograd.grad(scalar, [self.zero], retain_graph=retain_graph, allow_unused=True)
+        leaves = list(self.zeros.values())
+        torch.autograd.grad(scalar, leaves, retain_graph=retain_graph, allow_unused=True)
 
     def reset(self) -> None:
         """Forget the sums (between batches, after they were read)."""

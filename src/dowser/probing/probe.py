@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from dowser.errors import DowserError
 from dowser.fingerprint import model_fingerprints
-from dowser.probing.capture import Recorder, recording
+from dowser.probing.capture import Recorder, TokenMask, recording
 from dowser.probing.synthetic import probe_batches, synthetic_samples, to_model
 from dowser.scores import Factors, Scores
 from dowser.targets import Target, select_targets
@@ -197,7 +197,7 @@ class _Run:
                         "each probing batch must be a dict of keyword inputs for the model"
                     )
                 batch = to_model(batch, model, device)
-                rec.token_mask = batch.get("attention_mask")
+                rec.tokens = TokenMask(batch.get("attention_mask"))
                 self._batch(model, batch, rec)
                 self._collect(rec)
                 rec.reset()

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from dowser.probing.capture import _token_sum
+from dowser.probing.capture import TokenMask
 from dowser.probing.probe import last_logits, rademacher
 from dowser.probing.synthetic import to_model
 from dowser.targets import Target
@@ -48,7 +48,6 @@ def reference_probe(
     mean = {t.param: torch.zeros(params[t.param].shape) for t in targets}
     m2 = {t.param: torch.zeros(params[t.param].shape) for t in targets}
     seen: dict[str, tuple] = {}
-    mask_holder: list = [None]
 
     def fwd_hook(name):
         def hook(module, args, output):
@@ -72,7 +71,7 @@ def reference_probe(
         n = 0
         for batch in batches:
             batch = to_model(batch, model, device)
-            mask_holder[0] = batch.get("attention_mask")
+            tokens = TokenMask(batch.get("attention_mask"))
             for _ in range(num_probes):
                 model.zero_grad(set_to_none=True)
                 with torch.enable_grad():
@@ -82,11 +81,11 @@ def reference_probe(
                 n += 1
                 for t in targets:
                     h, *g = seen[t.module]
-                    a_sum, a_n = _token_sum(h.abs(), mask_holder[0])
+                    a_sum, a_n = tokens.sum(h.abs())
                     if t.group == "lm_head":
                         psi = torch.ones(t.out_features, device=a_sum.device)
                     else:
-                        g_sum, g_n = _token_sum(g[0].abs(), mask_holder[0])
+                        g_sum, g_n = tokens.sum(g[0].abs())
                         psi = g_sum / g_n
                     outer = psi[:, None] * (a_sum / a_n)[None, :]
                     w = params[t.param].detach().abs().float()
