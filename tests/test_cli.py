@@ -239,3 +239,76 @@ def test_demo(tmp_path, capsys):
         "summary.json",
     }
     user_error(["demo", "--out", out, "--quiet"], capsys, "not empty")
+
+
+def test_corrupt_metadata_is_a_clear_error(checkpoint_dirs, tmp_path, capsys):
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    llama = checkpoint_dirs["llama"]
+    scores_path, mask_path = tmp_path / "s.safetensors", tmp_path / "m.safetensors"
+    assert run(["probe", llama, "--out", scores_path, *FAST], capsys)[0] == 0
+    assert run(["mask", scores_path, "--model", llama, "--out", mask_path], capsys)[0] == 0
+
+    def rewrite(src, dst, edit):
+        with safe_open(src, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            meta = _json.loads(f.metadata()["dowser"])
+        save_file(tensors, dst, metadata={"dowser": _json.dumps(edit(meta))})
+        return dst
+
+    no_info = rewrite(
+        mask_path,
+        tmp_path / "m1.safetensors",
+        lambda m: {k: v for k, v in m.items() if k != "info"},
+    )
+    user_error(["inspect", no_info], capsys, "corrupt")
+    no_fp = rewrite(
+        scores_path,
+        tmp_path / "s1.safetensors",
+        lambda m: {k: v for k, v in m.items() if k != "fingerprints"},
+    )
+    user_error(
+        ["mask", no_fp, "--model", llama, "--out", tmp_path / "x.safetensors"], capsys, "corrupt"
+    )
+    user_error(["inspect", no_fp], capsys, "corrupt")
+    as_list = rewrite(scores_path, tmp_path / "s2.safetensors", lambda m: [m])
+    user_error(["inspect", as_list], capsys, "corrupt")
+
+
+def test_seq2seq_checkpoint_needs_batches(tmp_path, capsys):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=40,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    user_error(
+        ["probe", tmp_path / "t5", "--out", tmp_path / "s.safetensors", *FAST],
+        capsys,
+        "encoder-decoder",
+    )
+
+
+def test_group_absent_from_the_model(checkpoint_dirs, tmp_path, capsys):
+    user_error(
+        [
+            "probe",
+            checkpoint_dirs["llama"],
+            "--out",
+            tmp_path / "s.safetensors",
+            *FAST,
+            "--layers",
+            "vision",
+        ],
+        capsys,
+        "has no encoder layers",
+    )

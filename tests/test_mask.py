@@ -158,3 +158,33 @@ def test_nan_scores_are_refused(probed):
             dowser.build_mask(model, scores)
     finally:
         f.psi.copy_(saved)
+
+
+def test_lowest_k_from_functions_equals_from_tensors():
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randint(0, 9, s, generator=g).float() for s in ((4, 5), (7,), (3, 3))]
+    calls = []
+
+    def source(x):
+        def make():
+            calls.append(1)
+            return x.clone()
+
+        return make
+
+    for k in (0, 5, 20, 36):
+        direct = lowest_k(xs, k)
+        lazy = lowest_k([source(x) for x in xs], k)
+        assert all(torch.equal(a, b) for a, b in zip(direct, lazy, strict=True)), k
+    assert calls  # the functions were used
+
+
+def test_negative_zero_counts_as_zero():
+    (m,) = lowest_k([torch.tensor([1.0, -0.0, 0.0, 2.0])], 2)
+    assert m.tolist() == [False, True, True, False]
+
+
+def test_a_ratio_too_small_for_a_matrix_warns(probed):
+    model, scores = probed
+    with pytest.warns(UserWarning, match="no trainable entry"):
+        dowser.build_mask(model, scores, update_ratio=0.001)

@@ -265,3 +265,33 @@ def test_nan_weights_give_a_clear_error(llama):
         llama.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(DowserError, match="non-finite"):
         dowser.probe(llama, batches=token_batches(64), num_probes=1, progress=False)
+
+
+def test_padding_never_masks_vision_patches():
+    """Regression: a vision input whose patch count equals the text length is not text."""
+    model, processor = build_model("idefics3")  # 16 patches per image
+    from dowser.probing.synthetic import probe_batches, synthetic_samples
+
+    samples, pad = synthetic_samples(
+        model,
+        processor=processor,
+        num_samples=2,
+        seq_len=8,
+        images="noise",
+        generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        progress=False,
+    )
+    (batch,) = probe_batches(samples, 2, pad)
+    stats = []
+    for extra in (16 - batch["input_ids"].shape[1], 17 - batch["input_ids"].shape[1]):
+        b = dict(batch)
+        for key in ("input_ids", "attention_mask"):
+            fill = pad if key == "input_ids" else 0
+            b[key] = torch.cat([b[key], torch.full((2, extra), fill)], 1)
+        s = dowser.probe(
+            model, batches=[b], layers="vision", include_lm_head=False, num_probes=1, progress=False
+        )
+        stats.append(s)
+    for n in stats[0].names:
+        torch.testing.assert_close(stats[0].factors[n].act, stats[1].factors[n].act)

@@ -126,7 +126,8 @@ def test_resume_equals_uninterrupted(setup, checkpoint_dirs, tmp_path, capsys):
         assert run(["train", checkpoint_dirs["llama"], "--out", out, *common], capsys)[0] == 0
     # interrupt b after its first epoch: drop the last checkpoint and the final model
     (resumed / "model.safetensors").unlink()
-    last = max((resumed / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = (resumed / "checkpoints").glob("checkpoint-*")
+    last = max(checkpoints, key=lambda p: int(p.name.split("-")[1]))
     import shutil
 
     shutil.rmtree(last)
@@ -273,3 +274,185 @@ def test_apply_delta_refuses_another_base(setup, checkpoint_dirs, tmp_path, caps
         capsys,
         "not empty",
     )
+
+
+def test_resume_and_overwrite_never_mix_runs(setup, checkpoint_dirs, tmp_path, capsys):
+    root, masks = setup
+    llama = checkpoint_dirs["llama"]
+    out = tmp_path / "out"
+    common = ["--data", root / "text.jsonl", "--out", out, "--quiet"]
+    assert (
+        run(["train", llama, "--mask", masks["llama"], *common, "--save-steps", "1"], capsys)[0]
+        == 0
+    )
+    old = {p.name for p in (out / "checkpoints").glob("checkpoint-*")}
+    # another mask cannot resume this run
+    other = tmp_path / "other.safetensors"
+    assert (
+        run(
+            [
+                "mask",
+                root / "llama.scores.safetensors",
+                "--model",
+                llama,
+                "--ratio",
+                "0.3",
+                "--out",
+                other,
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
+    user_error(["train", llama, "--mask", other, *common, "--resume"], capsys, "another mask")
+    user_error(
+        [
+            "train",
+            llama,
+            "--mask",
+            masks["llama"],
+            *common,
+            "--resume",
+            "--optimizer",
+            "masked-adamw",
+        ],
+        capsys,
+        "another --optimizer",
+    )
+    # --overwrite starts afresh: no checkpoint of the old run survives
+    assert (
+        run(["train", llama, "--mask", other, *common, "--overwrite", "--batch-size", "6"], capsys)[
+            0
+        ]
+        == 0
+    )
+    new = {p.name for p in (out / "checkpoints").glob("checkpoint-*")}
+    assert new == {"checkpoint-1"} and old != new
+
+
+def test_bad_data_is_caught_before_training(setup, checkpoint_dirs, tmp_path, capsys):
+    root, masks = setup
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "ok.png").write_bytes((root / "img" / "0.png").read_bytes())
+    (tmp_path / "img" / "broken.png").write_bytes(b"not a png at all")
+    rows = [{"image": "img/ok.png", "prompt": "q", "answer": "a"}] * 3
+    rows.append({"image": "img/broken.png", "prompt": "q", "answer": "a"})
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    argv = ["train", checkpoint_dirs["llava"], "--mask", masks["llava"], "--out", out, "--quiet"]
+    user_error([*argv, "--data", data], capsys, "cannot read image")
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "word " * 200, "answer": "a"}) + "\n")
+    user_error(
+        [
+            "train",
+            checkpoint_dirs["llama"],
+            "--mask",
+            masks["llama"],
+            "--out",
+            out,
+            "--quiet",
+            "--data",
+            long,
+            "--max-length",
+            "64",
+        ],
+        capsys,
+        "max-length",
+    )
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"prompt": "caf\xe9", "answer": "x"}'.encode("latin-1"))
+    user_error(
+        [
+            "train",
+            checkpoint_dirs["llama"],
+            "--mask",
+            masks["llama"],
+            "--out",
+            out,
+            "--quiet",
+            "--data",
+            latin,
+        ],
+        capsys,
+        "not UTF-8",
+    )
+    assert not out.exists()  # nothing was started
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--scheduler", "foo"),
+        ("--epochs", "0"),
+        ("--warmup-ratio", "1"),
+        ("--lr", "-1"),
+        ("--logging-steps", "0"),
+        ("--save-steps", "-1"),
+        ("--device", "tpu"),
+    ],
+)
+def test_bad_training_settings_are_parser_errors(flag, value, capsys):
+    from dowser.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "m", "--mask", "m", "--data", "d", "--out", "o", flag, value])
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(setup, checkpoint_dirs, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    root, masks = setup
+    argv = [
+        "train",
+        checkpoint_dirs["llama"],
+        "--mask",
+        masks["llama"],
+        "--data",
+        root / "text.jsonl",
+    ]
+    user_error(
+        [*argv, "--out", tmp_path / "o", "--device", "cuda", "--quiet"], capsys, "no CUDA device"
+    )
+
+
+def test_outputs_that_are_files(setup, checkpoint_dirs, tmp_path, capsys):
+    root, masks = setup
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    user_error(["demo", "--out", afile, "--quiet"], capsys, "not a directory")
+    out = tmp_path / "out"
+    assert (
+        run(
+            [
+                "train",
+                checkpoint_dirs["llama"],
+                "--mask",
+                masks["llama"],
+                "--data",
+                root / "text.jsonl",
+                "--out",
+                out,
+                "--save-delta",
+                "--quiet",
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
+    user_error(
+        [
+            "apply-delta",
+            checkpoint_dirs["llama"],
+            out / "delta.safetensors",
+            "--out",
+            afile,
+            "--overwrite",
+        ],
+        capsys,
+        "not a directory",
+    )
+    assert afile.read_text() == "mine"

@@ -269,3 +269,31 @@ def test_adam_without_decay_keeps_frozen_entries_without_restore_hooks():
         gm.attach(opt)
         train(model, opt, token_batches(64), 3)
     frozen_unchanged(before, model, mask)
+
+
+def test_bfloat16_resume_keeps_indices_exact_and_frozen_entries_still():
+    """Regression: torch casts loaded state to the weight dtype; bf16 indices > 256 would round."""
+    batches = token_batches(64, n=4)
+    straight = tiny_llama().to(torch.bfloat16)
+    mask = random_mask(straight)
+    before = {n: p.detach().clone() for n, p in straight.named_parameters()}
+    prepare_model(straight, mask)
+    opt = SparseAdamW(straight, mask, lr=1e-2, weight_decay=0.1)
+    train(straight, opt, batches, 4)
+
+    resumed = tiny_llama().to(torch.bfloat16)
+    prepare_model(resumed, mask)
+    opt = SparseAdamW(resumed, mask, lr=1e-2, weight_decay=0.1)
+    train(resumed, opt, batches[:2], 2)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt2 = SparseAdamW(resumed, mask, lr=1e-2, weight_decay=0.1)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    p = dict(resumed.named_parameters())["model.layers.1.mlp.down_proj.weight"]
+    assert opt2.state[p]["idx"].dtype == torch.int32
+    assert int(opt2.state[p]["idx"].max()) > 256  # would not survive a bf16 round trip
+    train(resumed, opt2, batches[2:], 2)
+    frozen_unchanged(before, resumed, mask)
+    for (n, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(a, b), n

@@ -44,6 +44,51 @@ def _positive(text: str) -> int:
     return value
 
 
+def _number(
+    low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+):
+    """An argparse type for a float in a range, with a message that names the range."""
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    span = f"{lo}{low}, {high if high is not None else 'inf'}{hi if high is not None else ')'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        ok = value > low if low_open else value >= low
+        if high is not None:
+            ok = ok and (value < high if high_open else value <= high)
+        if not ok or value != value:
+            raise argparse.ArgumentTypeError(f"{value} is outside {span}")
+        return value
+
+    return parse
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "cosine_with_min_lr",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "warmup_stable_decay",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dowser",
@@ -168,26 +213,41 @@ def build_parser() -> argparse.ArgumentParser:
         "image paths relative to the file",
     )
     t.add_argument("--out", required=True, help="output directory")
-    t.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
+    t.add_argument(
+        "--epochs",
+        type=_number(0, low_open=True),
+        default=1.0,
+        help="passes over the data (default 1)",
+    )
     t.add_argument("--batch-size", type=_positive, default=4, help="examples per device per step")
     t.add_argument("--grad-accum", type=_positive, default=1, help="gradient accumulation steps")
-    t.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (reference 2e-5)")
+    t.add_argument(
+        "--lr",
+        type=_number(0, low_open=True),
+        default=2e-5,
+        help="peak learning rate (reference 2e-5)",
+    )
     t.add_argument(
         "--weight-decay",
-        type=float,
+        type=_number(0),
         default=0.0,
         help="decoupled weight decay; frozen entries never decay",
     )
     t.add_argument(
         "--warmup-ratio",
-        type=float,
+        type=_number(0, 1, high_open=True),
         default=0.03,
         help="fraction of steps warming up (reference 0.03)",
     )
     t.add_argument(
-        "--scheduler", default="cosine", help="HF scheduler name: cosine, linear, constant, ..."
+        "--scheduler",
+        choices=SCHEDULERS,
+        default="cosine",
+        help="HF scheduler name: cosine, linear, constant, ...",
     )
-    t.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    t.add_argument(
+        "--max-grad-norm", type=_number(0), default=1.0, help="gradient clipping (0 = off)"
+    )
     t.add_argument(
         "--max-length", type=_positive, default=1024, help="tokens per example, longer ones are cut"
     )
@@ -200,13 +260,31 @@ def build_parser() -> argparse.ArgumentParser:
         "masked gradients (reference), frozen entries still kept exact",
     )
     t.add_argument("--save-delta", action="store_true", help="also write OUT/delta.safetensors")
+    t.add_argument(
+        "--no-data-check",
+        action="store_true",
+        help="skip opening every image and measuring every prompt before training",
+    )
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT")
     t.add_argument(
-        "--save-steps", type=int, default=0, help="checkpoint every N steps (default: each epoch)"
+        "--save-steps",
+        type=_count,
+        default=0,
+        help="checkpoint every N steps (default: each epoch)",
     )
-    t.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
-    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    t.add_argument("--dtype", default=None, help="weights dtype: float32 (default), bfloat16, ...")
+    t.add_argument("--logging-steps", type=_positive, default=10, help="log the loss every N steps")
+    t.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="default: cuda if available; pick GPUs with CUDA_VISIBLE_DEVICES or torchrun",
+    )
+    t.add_argument(
+        "--dtype",
+        default=None,
+        help="weights dtype while training and in OUT: float32 (default), bfloat16, ... "
+        "(frozen weights are then rounded to it in OUT; the delta keeps the base's values)",
+    )
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
     t.add_argument(
@@ -346,15 +424,20 @@ def describe_file(path: str | Path) -> str:
         )
         return f"{path}: mask ({settings})\n{mask.summary()}"
     if kind == "delta":
-        lines = [f"{path}: sparse delta of {len(meta['sparse'])} masked weights"]
-        lines.append(f"  densely trained tensors: {len(meta['dense'])}")
+        sparse, dense = meta.get("sparse"), meta.get("dense")
+        if not isinstance(sparse, list) or not isinstance(dense, list):
+            raise DowserError(f"{path} has corrupt dowser metadata (no list of weights)")
+        lines = [f"{path}: sparse delta of {len(sparse)} masked weights"]
+        lines.append(f"  densely trained tensors: {len(dense)}")
         lines.append(f"  dowser_version: {meta.get('dowser_version')}")
         return "\n".join(lines)
     if kind == "scores":
-        targets = meta.get("targets", {})
+        from dowser.scores import Scores
+
+        targets = Scores.load(path).targets  # loading validates the file
         groups: dict[str, int] = {}
         for t in targets.values():
-            groups[t["group"]] = groups.get(t["group"], 0) + 1
+            groups[t.group] = groups.get(t.group, 0) + 1
         keys = (
             "estimator",
             "synthetic",

@@ -28,6 +28,8 @@ def run_demo(out: Path, *, overwrite: bool = False, progress: bool = True) -> di
     from dowser.tiny import build_checkpoint
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DowserError(f"{out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise DowserError(f"{out} is not empty; pass --overwrite to replace the demo files in it")
     out.mkdir(parents=True, exist_ok=True)

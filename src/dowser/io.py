@@ -82,12 +82,19 @@ def read_metadata(path: PathLike, *, kind: str | None = None) -> dict:
         meta = json.loads(raw)
     except json.JSONDecodeError:
         raise DowserError(f"{path} has corrupt dowser metadata") from None
+    if not isinstance(meta, dict):
+        raise DowserError(f"{path} has corrupt dowser metadata (not a JSON object)")
     if kind is not None and meta.get("kind") != kind:
         raise DowserError(
             f"{path} holds {meta.get('kind', 'unknown')!r} data, not {kind}; "
             "check the order of the arguments"
         )
     return meta
+
+
+def corrupt(path: PathLike, error: BaseException) -> DowserError:
+    """The error for a dowser file whose metadata or tensors do not fit together."""
+    return DowserError(f"{path} is corrupt or incomplete ({type(error).__name__}: {error})")
 
 
 def load_safetensors(path: PathLike, *, kind: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +30,7 @@ from torch import nn
 
 from dowser.errors import DowserError
 from dowser.fingerprint import mismatches
-from dowser.io import PathLike, load_safetensors, save_safetensors
+from dowser.io import PathLike, corrupt, load_safetensors, save_safetensors
 from dowser.scores import Scores, _describe
 from dowser.targets import find_decoder_layers
 from dowser.version import __version__
@@ -157,14 +159,13 @@ class Mask(Mapping[str, torch.Tensor]):
         tensors, meta = load_safetensors(path, kind="mask")
         if meta.get("format") != FORMAT:
             raise DowserError(f"{path}: mask format {meta.get('format')} is not supported")
-        shapes = meta.pop("shapes")
         try:
-            unpacked = {n: _unpack(tensors[n], shapes[n]) for n in shapes}
-        except (KeyError, RuntimeError) as e:
-            raise DowserError(f"{path} is corrupt or incomplete ({e})") from None
-        mask = cls(
-            unpacked, meta=meta, info=meta.pop("info"), fingerprints=meta.pop("fingerprints")
-        )
+            shapes = meta.pop("shapes")
+            unpacked = {n: _unpack(tensors[n], list(shapes[n])) for n in shapes}
+            info, fingerprints = dict(meta.pop("info")), dict(meta.pop("fingerprints"))
+            mask = cls(unpacked, meta=meta, info=info, fingerprints=fingerprints)
+        except (KeyError, RuntimeError, TypeError, AttributeError, ValueError) as e:
+            raise corrupt(path, e) from None
         if model is not None:
             mask.check(model)
         return mask
@@ -201,13 +202,24 @@ def build_mask(
     groups = _groups(scores, names, scope)
     masks: dict[str, torch.Tensor] = {}
     for group in groups:
-        dense = [_checked_dense(scores, n) for n in group]
         if scope == "row":
             (name,) = group
-            masks[name] = _lowest_per_row(dense[0], ratio, scores.targets[name].transposed)
-        else:
-            k = round_half_up(ratio * sum(d.numel() for d in dense))
-            masks.update(zip(group, lowest_k(dense, k), strict=True))
+            dense = _checked_dense(scores, name)
+            masks[name] = _lowest_per_row(dense, ratio, scores.targets[name].transposed)
+            continue
+        k = round_half_up(ratio * sum(math.prod(scores.shapes[n]) for n in group))
+        if len(group) == 1:  # one matrix: form it once
+            group_scores = [_checked_dense(scores, group[0])]
+        else:  # several: form each when needed, one at a time (see lowest_k)
+            group_scores = [partial(_checked_dense, scores, n) for n in group]
+        masks.update(zip(group, lowest_k(group_scores, k), strict=True))
+    empty = [n for n, m in masks.items() if not m.any()]
+    if empty:
+        warnings.warn(
+            f"update_ratio={ratio} leaves no trainable entry in {len(empty)} of {len(masks)} "
+            f"matrices (e.g. {empty[0]}); they stay frozen",
+            stacklevel=2,
+        )
     masks = {n: masks[n] for n in scores.names if n in masks}  # model order
     meta = {
         "dowser_version": __version__,
@@ -231,44 +243,54 @@ def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def lowest_k(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+ScoreSource = torch.Tensor | Callable[[], torch.Tensor]
+
+
+def lowest_k(scores: Sequence[ScoreSource], k: int) -> list[torch.Tensor]:
     """Bool masks of the k smallest entries over all `scores` (non-negative floats).
 
     Order: by value, then earlier tensor, then lower flat index, so the result is
-    deterministic and nested in k. The k-th value is found by a two-pass radix select over
-    the float32 bit patterns (monotone for non-negative floats), never concatenating.
+    deterministic and nested in k. The k-th value is found by a radix select over the
+    float32 bit patterns (monotone for non-negative floats), never concatenating.
+
+    `scores` may be tensors or functions returning them: a function is called once per pass
+    (up to four times), so only one dense score matrix exists at a time and the extra memory
+    is one byte per entry (the masks) however many matrices the group holds.
     """
-    total = sum(s.numel() for s in scores)
-    if k <= 0:
-        return [torch.zeros_like(s, dtype=torch.bool) for s in scores]
-    if k >= total:
-        return [torch.ones_like(s, dtype=torch.bool) for s in scores]
-    bits = [s.float().abs().contiguous().view(torch.int32) for s in scores]  # abs: -0.0 -> 0.0
-    threshold = _kth_smallest(bits, k)
-    masks = [b < threshold for b in bits]
+    get = [s if callable(s) else (lambda s=s: s) for s in scores]
+    # pass 1: histogram of the top 15 value bits (the sign bit is always 0)
+    hist = torch.zeros(1 << 15, dtype=torch.long)
+    for g in get:
+        hist += torch.bincount((_bits(g()).reshape(-1) >> 16).long(), minlength=1 << 15).cpu()
+    if k <= 0 or k >= int(hist.sum()):
+        return [torch.full(g().shape, k > 0, dtype=torch.bool) for g in get]
+    # pass 2: the k-th value lies in the first bucket whose running count reaches k
+    cum = hist.cumsum(0)
+    bucket = int(torch.searchsorted(cum, torch.tensor(k)))
+    below = int(cum[bucket - 1]) if bucket > 0 else 0
+    parts = []
+    for g in get:
+        b = _bits(g()).reshape(-1)
+        parts.append(b[(b >> 16) == bucket].cpu())
+    threshold = int(torch.kthvalue(torch.cat(parts), k - below).values)
+    # pass 3: everything below the threshold; pass 4: ties at it, in position order
+    masks = [_bits(g()) < threshold for g in get]
     remaining = k - sum(int(m.sum()) for m in masks)
-    for b, m in zip(bits, masks, strict=True):  # ties at the threshold, in position order
+    for g, m in zip(get, masks, strict=True):
         if remaining <= 0:
             break
-        tied = (b.reshape(-1) == threshold).nonzero().squeeze(1)[:remaining]
-        m.view(-1)[tied] = True
+        tied = (_bits(g()).reshape(-1) == threshold).nonzero().squeeze(1)[:remaining]
+        m.view(-1)[tied.to(m.device)] = True
         remaining -= tied.numel()
     return masks
 
 
-def _kth_smallest(bits: list[torch.Tensor], k: int) -> int:
-    """The k-th smallest (1-based) of non-negative int32 values spread over tensors.
-
-    Pass 1: histogram of the top 15 value bits (sign excluded) over all tensors; the k-th
-    value lies in the first bucket whose running count reaches k. Pass 2: exact selection
-    among that bucket's entries only.
-    """
-    hist = sum(torch.bincount((b.reshape(-1) >> 16).long(), minlength=1 << 15).cpu() for b in bits)
-    cum = hist.cumsum(0)
-    bucket = int(torch.searchsorted(cum, torch.tensor(k)))
-    below = int(cum[bucket - 1]) if bucket > 0 else 0
-    candidates = torch.cat([b.reshape(-1)[(b.reshape(-1) >> 16) == bucket].cpu() for b in bits])
-    return int(torch.kthvalue(candidates, k - below).values)
+def _bits(s: torch.Tensor) -> torch.Tensor:
+    """float32 bit patterns as int32, ordered like the (non-negative) values."""
+    s = s.float().contiguous()
+    if bool((s.view(torch.int32) < 0).any()):  # -0.0 (or a negative): copy with abs
+        s = s.abs()
+    return s.view(torch.int32)
 
 
 def _lowest_per_row(score: torch.Tensor, ratio: float, transposed: bool) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch import nn
 
 from dowser.errors import DowserError
 from dowser.fingerprint import mismatches
-from dowser.io import PathLike, load_safetensors, save_safetensors
+from dowser.io import PathLike, corrupt, load_safetensors, save_safetensors
 from dowser.targets import Target
 
 FORMAT = 1
@@ -159,15 +159,15 @@ class Scores:
         tensors, meta = load_safetensors(path, kind="scores")
         if meta.get("format") != FORMAT:
             raise DowserError(f"{path}: scores format {meta.get('format')} is not supported")
-        targets = {n: Target(**t) for n, t in meta.pop("targets").items()}
-        fingerprints = meta.pop("fingerprints")
         try:
+            targets = {n: Target(**t) for n, t in meta.pop("targets").items()}
+            fingerprints = dict(meta.pop("fingerprints"))
             factors = {
                 n: Factors(tensors[f"{n}::psi"], tensors[f"{n}::act"], tensors[f"{n}::weight"])
                 for n in targets
             }
-        except KeyError as e:
-            raise DowserError(f"{path} is incomplete: tensor {e} is missing") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise corrupt(path, e) from None
         for n, f in factors.items():
             t = targets[n]
             if f.psi.shape[-1] != t.out_features or f.act.shape[-1] != t.in_features:

@@ -202,8 +202,14 @@ def select_targets(
                 raise DowserError(
                     f"layers={source!r} is neither group names nor a regex: {e}"
                 ) from None
+    asked = set(groups) if groups is not None else None
     if groups is not None and include_lm_head:
         groups.add("lm_head")
+    if asked and not any(t.group in asked for t in targets):
+        raise DowserError(
+            f"layers={layers!r}: this model has no {', '.join(sorted(asked))} layers; groups "
+            f"present: {', '.join(sorted({t.group for t in targets}))}"
+        )
     chosen = [
         t
         for t in targets

@@ -32,6 +32,11 @@ class Stats:
     grad_n: int = 0  # token-probe observations summed into grad_sum
 
 
+def is_text_layer(target: Target) -> bool:
+    """Layers that see the text sequence, where padding tokens must be left out."""
+    return target.group in ("decoder", "lm_head")
+
+
 class TokenMask:
     """The current batch's valid (non-padding) tokens, (B, T), for means over tokens.
 
@@ -44,13 +49,17 @@ class TokenMask:
         self.count = int(mask.sum()) if mask is not None else 0
         self._float: dict[torch.device, torch.Tensor] = {}
 
-    def sum(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def sum(self, x: torch.Tensor, *, masked: bool = True) -> tuple[torch.Tensor, int]:
         """Sum of x over all leading dims (float32) and the number of rows summed.
 
-        The mask applies when x is (B, T, d); other shapes (vision patches, flattened
-        tokens) are summed over everything.
+        With `masked` (language-model layers) the mask applies when x is (B, T, d); vision
+        and other encoder inputs (`masked=False`, or other shapes) are summed over everything,
+        even when their patch count happens to equal the text length.
         """
-        if self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
+        fits = (
+            self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape)
+        )
+        if masked and fits:
             m = self._float.get(x.device)
             if m is None:
                 m = self._float[x.device] = self.mask.to(device=x.device, dtype=torch.float32)
@@ -81,26 +90,27 @@ class Recorder:
 
     def forward_hook(self, target: Target):
         want_grad = target.group != "lm_head"  # the reference fixes the head's psi to 1
+        masked = is_text_layer(target)
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor):
             stats = self.stats[target.module]  # looked up per call: reset() replaces it
             h = args[0] if args else None
             if isinstance(h, torch.Tensor):
-                s, n = self.tokens.sum(h.detach().abs())
+                s, n = self.tokens.sum(h.detach().abs(), masked=masked)
                 stats.act_sum = s if stats.act_sum is None else stats.act_sum + s
                 stats.act_n += n
             if not want_grad or not torch.is_grad_enabled():
                 return None
             output = output + self._zero(output.device)  # 0-dim: keeps the output dtype
-            output.register_hook(self.grad_hook(stats))
+            output.register_hook(self.grad_hook(stats, masked))
             return output
 
         return hook
 
-    def grad_hook(self, stats: Stats):
+    def grad_hook(self, stats: Stats, masked: bool):
         def hook(g: torch.Tensor):
             g = g.detach()
-            s, n = self.tokens.sum(g * g if self.square else g.abs())
+            s, n = self.tokens.sum(g * g if self.square else g.abs(), masked=masked)
             stats.grad_sum = s if stats.grad_sum is None else stats.grad_sum + s
             stats.grad_n += n
 

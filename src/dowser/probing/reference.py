@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from dowser.probing.capture import TokenMask
+from dowser.probing.capture import TokenMask, is_text_layer
 from dowser.probing.probe import last_logits, rademacher
 from dowser.probing.synthetic import to_model
 from dowser.targets import Target
@@ -81,11 +81,12 @@ def reference_probe(
                 n += 1
                 for t in targets:
                     h, *g = seen[t.module]
-                    a_sum, a_n = tokens.sum(h.abs())
+                    text = is_text_layer(t)
+                    a_sum, a_n = tokens.sum(h.abs(), masked=text)
                     if t.group == "lm_head":
                         psi = torch.ones(t.out_features, device=a_sum.device)
                     else:
-                        g_sum, g_n = tokens.sum(g[0].abs())
+                        g_sum, g_n = tokens.sum(g[0].abs(), masked=text)
                         psi = g_sum / g_n
                     outer = psi[:, None] * (a_sum / a_n)[None, :]
                     w = params[t.param].detach().abs().float()

@@ -142,6 +142,11 @@ def synthetic_samples(
             "synthetic probing needs a model that can generate (a Hugging Face generative model); "
             "for other models pass batches=..."
         )
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise DowserError(
+            "synthetic probing covers decoder-only models; for an encoder-decoder model pass "
+            "batches=[{input_ids, decoder_input_ids, ...}] (Python API)"
+        )
     if images not in ("off", "noise"):
         raise DowserError(f'images={images!r}: use "off" (text only) or "noise"')
     if seq_len < 2:

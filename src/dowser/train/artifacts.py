@@ -22,7 +22,7 @@ from torch import nn
 
 from dowser.errors import DowserError
 from dowser.fingerprint import mismatches
-from dowser.io import PathLike, load_safetensors, save_safetensors
+from dowser.io import PathLike, corrupt, load_safetensors, save_safetensors
 from dowser.mask import Mask
 from dowser.scores import _describe
 from dowser.version import __version__
@@ -79,8 +79,12 @@ def apply_delta(model: nn.Module, path: PathLike) -> nn.Module:
     tensors, meta = load_safetensors(path, kind="delta")
     if meta.get("format") != FORMAT:
         raise DowserError(f"{path}: delta format {meta.get('format')} is not supported")
-    expected = meta["base_fingerprints"]
-    shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
+    try:
+        expected = dict(meta["base_fingerprints"])
+        shapes = {n: tuple(s) for n, s in meta["shapes"].items()}
+        sparse, dense = list(meta["sparse"]), list(meta["dense"])
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise corrupt(path, e) from None
     problem = _describe(*mismatches(expected, model, shapes))
     if problem:
         raise DowserError(
@@ -89,15 +93,15 @@ def apply_delta(model: nn.Module, path: PathLike) -> nn.Module:
         )
     params = dict(model.named_parameters(remove_duplicate=False))
     try:
-        for name in meta["sparse"]:
+        for name in sparse:
             p = params[name]
             idx = tensors[f"{name}::indices"].long().to(p.device)
             values = tensors[f"{name}::values"].to(device=p.device, dtype=p.dtype)
             p.view(-1).index_copy_(0, idx, values)
-        for name in meta["dense"]:
+        for name in dense:
             params[name].copy_(tensors[f"{name}::dense"])
     except (KeyError, RuntimeError, IndexError) as e:
-        raise DowserError(f"{path} is corrupt ({e})") from None
+        raise corrupt(path, e) from None
     return model
 
 
@@ -116,6 +120,8 @@ def save_merged(
     are copied over when not already written, so nothing the base checkpoint had is lost.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DowserError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".dowser-merged-", dir=out))
     try:

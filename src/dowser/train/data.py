@@ -7,9 +7,9 @@ Two formats, told apart by the file's content:
 - LLaVA JSON, a list of {"image": ... (optional), "conversations": [{"from": "human",
   "value": "<image>\\nWhat is ..."}, {"from": "gpt", "value": "..."}, ...]}.
 
-Image paths are relative to the data file. Every record is checked when the data set is
-opened (fields present, images exist), so a bad record stops the run before training starts;
-tokenisation happens when an example is read.
+Image paths are relative to the data file. Fields and image paths are checked when the file
+is read; `SupervisedDataset.check()` then opens every image and measures every prompt, so a
+bad record stops the run before training starts. Tokenisation happens when an example is read.
 
 Text is built with the model's chat template when its processor or tokenizer has one
 (images as {"type": "image"} content items), else as "prompt\\nanswer<eos>" with the image
@@ -92,7 +92,10 @@ def load_examples(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise DowserError(f"data file {path} does not exist")
     base = path.parent
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DowserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     stripped = text.lstrip()
     examples = []
     if stripped.startswith("["):
@@ -151,6 +154,21 @@ class SupervisedDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def check(self, *, progress: bool = True) -> None:
+        """Open every image and measure every prompt, so that a bad record stops the run
+        before training starts (one processor call per record)."""
+        from tqdm.auto import tqdm
+
+        for ex in tqdm(self.examples, desc="checking data", disable=not progress, leave=False):
+            image = _load_image(ex.image) if ex.image is not None else None
+            prefixes, _ = self._texts(ex)
+            n = self._length(prefixes[0], image)
+            if n >= self.max_length:
+                raise DowserError(
+                    f"{ex.where}: the prompt alone is {n} tokens, more than --max-length "
+                    f"{self.max_length}; raise --max-length or shorten the record"
+                )
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ex = self.examples[i]

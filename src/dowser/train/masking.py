@@ -90,17 +90,24 @@ class GradientMask:
         self._frozen = {n: ~mask[n].to(p.device) for n, p in self.params.items()}
         self._flags = prepare_model(model, mask, train_norms=train_norms)
         self._handles = [
-            p.register_post_accumulate_grad_hook(self._zero_frozen(self._frozen[n]))
+            p.register_post_accumulate_grad_hook(self._zero_frozen(n))
             for n, p in self.params.items()
         ]
         self._saved: list[torch.Tensor] | None = None
 
-    @staticmethod
-    def _zero_frozen(frozen: torch.Tensor):
+    def frozen(self, name: str, device: torch.device) -> torch.Tensor:
+        """The frozen-entry mask of weight `name` on `device` (moved once if the model moved,
+        e.g. when the Trainer puts it on the GPU after the hooks were made)."""
+        m = self._frozen[name]
+        if m.device != device:
+            m = self._frozen[name] = m.to(device)
+        return m
+
+    def _zero_frozen(self, name: str):
         # After accumulation, in place on p.grad: no new gradient-sized tensor per backward,
         # and idempotent under gradient accumulation.
         def hook(p: torch.Tensor) -> None:
-            p.grad.masked_fill_(frozen, 0)
+            p.grad.masked_fill_(self.frozen(name, p.grad.device), 0)
 
         return hook
 
@@ -126,7 +133,7 @@ class GradientMask:
         if self._saved is None:
             return
         for (n, p), old in zip(self.params.items(), self._saved, strict=True):
-            p.copy_(torch.where(self._frozen[n], old, p))
+            p.copy_(torch.where(self.frozen(n, p.device), old, p))
         self._saved = None
 
     def remove(self) -> None:

@@ -7,6 +7,9 @@ command-line settings and checks everything a user can get wrong before training
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import shutil
 from pathlib import Path
 
 from dowser.errors import DowserError
@@ -14,17 +17,44 @@ from dowser.errors import DowserError
 CHECKPOINTS = "checkpoints"  # Trainer checkpoints inside OUT_DIR, for --resume
 
 
-def _check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+RUN_INFO = "dowser_run.json"  # in CHECKPOINTS: what the run was started with
+
+
+def _run_info(args: argparse.Namespace) -> dict:
+    return {
+        "mask_sha256": hashlib.sha256(Path(args.mask).read_bytes()).hexdigest(),
+        "optimizer": args.optimizer,
+        "model_dir": str(Path(args.model_dir).resolve()),
+    }
+
+
+def _check_out(out: Path, args: argparse.Namespace) -> None:
+    """Refuse an output dir that would mix runs; with --overwrite, clear what we wrote."""
     if out.exists() and not out.is_dir():
         raise DowserError(f"{out} exists and is not a directory")
-    if resume:
-        if not (out / CHECKPOINTS).is_dir():
+    if args.resume:
+        info_path = out / CHECKPOINTS / RUN_INFO
+        if not info_path.is_file():
             raise DowserError(f"--resume: {out / CHECKPOINTS} holds no checkpoint to resume from")
+        saved = json.loads(info_path.read_text())
+        now = _run_info(args)
+        for key, what in (("mask_sha256", "mask"), ("optimizer", "--optimizer")):
+            if saved.get(key) != now[key]:
+                raise DowserError(
+                    f"--resume: the run in {out} was started with another {what}; resume with "
+                    "the same one (or start a new run with --overwrite)"
+                )
         return
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise DowserError(
             f"{out} is not empty; pass --resume to continue its run or --overwrite to replace it"
         )
+
+
+def _clear_previous_run(out: Path) -> None:
+    """--overwrite: remove what a previous run wrote (other files in OUT are the user's)."""
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    (out / "delta.safetensors").unlink(missing_ok=True)
 
 
 def run_train(args: argparse.Namespace) -> Path:
@@ -38,7 +68,7 @@ def run_train(args: argparse.Namespace) -> Path:
     from dowser.train.trainer import DowserTrainer
 
     out = Path(args.out)
-    _check_out(out, resume=args.resume, overwrite=args.overwrite)
+    _check_out(out, args)
     examples = load_examples(args.data)
     dtype = parse_dtype(args.dtype) if args.dtype else torch.float32
     model, tokenizer, processor = load_model(
@@ -49,11 +79,48 @@ def run_train(args: argparse.Namespace) -> Path:
     if pre is None:
         raise DowserError(f"{args.model_dir} has no tokenizer or processor to encode the data")
     dataset = SupervisedDataset(examples, pre, max_length=args.max_length)
-    dataset[0]  # encode one example now: template or length problems surface before training
+    if not args.no_data_check:
+        dataset.check(progress=not args.quiet)  # every image opened, every prompt measured
     tok = getattr(pre, "tokenizer", pre)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    training_args = TrainingArguments(
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DowserError("--device cuda: no CUDA device is available; use --device cpu")
+    try:
+        training_args = _training_arguments(TrainingArguments, args, out, device)
+    except ValueError as e:  # a combination the Trainer refuses
+        raise DowserError(f"invalid training settings: {e}") from None
+    trainer = DowserTrainer(
+        model=model,
+        args=training_args,
+        mask=mask,
+        optimizer=args.optimizer,
+        train_dataset=dataset,
+        data_collator=Collator(pad_token_id=pad if pad is not None else 0),
+    )
+    if args.overwrite and not args.resume:
+        _clear_previous_run(out)  # only now that every input has been read and checked
+    (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    (out / CHECKPOINTS / RUN_INFO).write_text(json.dumps(_run_info(args), indent=2) + "\n")
+    try:
+        result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    except ValueError as e:
+        if "checkpoint" in str(e).lower():
+            raise DowserError(f"cannot resume: {e}") from None
+        raise
+    trainer.save_merged(out, preprocessors=[pre], source_dir=args.model_dir)
+    if args.save_delta:
+        trainer.save_delta(out / "delta.safetensors", overwrite=True)
+    loss = result.training_loss
+    print(f"trained {result.global_step} steps, mean loss {loss:.4f}; wrote the model to {out}")
+    if args.save_delta:
+        print(f"wrote the sparse delta to {out / 'delta.safetensors'}")
+    return out
+
+
+def _training_arguments(cls, args: argparse.Namespace, out: Path, device: str):
+    """HF TrainingArguments from the command line's settings."""
+    return cls(
         output_dir=str(out / CHECKPOINTS),
         num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size,
@@ -76,28 +143,6 @@ def run_train(args: argparse.Namespace) -> Path:
         disable_tqdm=args.quiet,
         dataloader_num_workers=0,
     )
-    trainer = DowserTrainer(
-        model=model,
-        args=training_args,
-        mask=mask,
-        optimizer=args.optimizer,
-        train_dataset=dataset,
-        data_collator=Collator(pad_token_id=pad if pad is not None else 0),
-    )
-    try:
-        result = trainer.train(resume_from_checkpoint=True if args.resume else None)
-    except ValueError as e:
-        if "checkpoint" in str(e).lower():
-            raise DowserError(f"cannot resume: {e}") from None
-        raise
-    trainer.save_merged(out, preprocessors=[pre], source_dir=args.model_dir)
-    if args.save_delta:
-        trainer.save_delta(out / "delta.safetensors", overwrite=True)
-    loss = result.training_loss
-    print(f"trained {result.global_step} steps, mean loss {loss:.4f}; wrote the model to {out}")
-    if args.save_delta:
-        print(f"wrote the sparse delta to {out / 'delta.safetensors'}")
-    return out
 
 
 def run_apply_delta(args: argparse.Namespace) -> Path:
@@ -106,7 +151,9 @@ def run_apply_delta(args: argparse.Namespace) -> Path:
     from dowser.train.artifacts import apply_delta, save_merged
 
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    if out.exists() and not out.is_dir():
+        raise DowserError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise DowserError(f"{out} exists and is not empty; pass --overwrite to replace its files")
     model, tokenizer, processor = load_model(
         args.base, dtype="auto", trust_remote_code=args.trust_remote_code

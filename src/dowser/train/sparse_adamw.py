@@ -164,7 +164,7 @@ class SparseAdamW(torch.optim.Optimizer):
             _adamw(p.data, grad, state, group)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but keeps the fp32 state fp32 for low-precision weights."""
+        """As torch's, but keeps fp32 state fp32 and indices integer for any weight dtype."""
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -173,10 +173,13 @@ class SparseAdamW(torch.optim.Optimizer):
             for key in _FLOAT_STATE:
                 if key in saved:
                     self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
-            if "idx" in saved and not torch.equal(saved["idx"].cpu(), self._index[id(p)].cpu()):
-                raise DowserError(
-                    "the optimizer state was saved with another mask; resume with the same mask"
-                )
+            if "idx" in saved:
+                if not torch.equal(saved["idx"].cpu().long(), self._index[id(p)].cpu().long()):
+                    raise DowserError(
+                        "the optimizer state was saved with another mask; resume with the same mask"
+                    )
+                # torch casts every state tensor to the weight's dtype: indices must stay ints
+                self.state[p]["idx"] = self._index[id(p)]
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state (indices, moments, master copies)."""
