@@ -141,9 +141,8 @@ class SparseAdamW(torch.optim.Optimizer):
             idx = self._index[id(p)]
             self._init_state(p, p.detach().reshape(-1)[idx])
             state["idx"] = idx
-        idx = state[
-            "idx"
-        ].long()  # stored int32 (4 bytes); kernels want int64, one weight at a time
+        # stored int32 (4 bytes); kernels want int64, made one weight at a time
+        idx = state["idx"].to(p.device).long()
         grad = p.grad.reshape(-1).index_select(0, idx).float()
         p.grad = None  # the dense gradient is no longer needed
         flat = p.data.view(-1)
@@ -195,7 +194,7 @@ def _keep_only(idx: torch.Tensor):
     """A gradient hook that keeps the entries at flat indices `idx` and zeroes the rest."""
 
     def hook(p: torch.Tensor) -> None:
-        i = idx.long()
+        i = idx.to(p.grad.device).long()  # no-op unless the model moved after construction
         flat = p.grad.view(-1)
         kept = flat.index_select(0, i)
         flat.zero_()
