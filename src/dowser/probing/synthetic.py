@@ -254,3 +254,35 @@ def probe_batches(samples: list[Sample], batch_size: int, pad: int) -> Iterator[
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         yield _pad(chunk, max(len(s.ids) for s in chunk), pad=pad, left=False)
+
+
+def synthetic_batches(
+    model: nn.Module,
+    *,
+    tokenizer=None,
+    processor=None,
+    num_samples: int = 64,
+    batch_size: int = 4,
+    seq_len: int = 64,
+    images: str = "off",
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """The self-generated probing batches `dowser.probe` uses, as a list of model inputs.
+
+    For baselines that need activations without data (e.g. a Wanda mask) on the same inputs.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    samples, pad = synthetic_samples(
+        model,
+        tokenizer=tokenizer,
+        processor=processor,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        images=images,
+        generator=generator,
+        device=device,
+        progress=progress,
+    )
+    return list(probe_batches(samples, batch_size, pad))
