@@ -1,0 +1,13 @@
+"""Evaluation: candidate-likelihood accuracy and forgetting metrics."""
+
+from dowser.eval.likelihood import candidate_accuracy, candidate_logprobs
+from dowser.eval.metrics import best_h, h_score, mean_stderr, upstream_at
+
+__all__ = [
+    "best_h",
+    "candidate_accuracy",
+    "candidate_logprobs",
+    "h_score",
+    "mean_stderr",
+    "upstream_at",
+]

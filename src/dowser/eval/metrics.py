@@ -1,0 +1,55 @@
+"""Forgetting metrics: H-score, seed statistics, and trade-off frontiers.
+
+A_up is the mean accuracy over the upstream (pretrained) tasks after fine-tuning, A_down the
+downstream accuracy. Their harmonic mean
+
+    H = 2 A_up A_down / (A_up + A_down)
+
+is high only when both are. Every sparse mask trades learning for keeping, so methods are
+compared along their learning-rate sweeps: each sweep is a frontier of (A_down, A_up) points,
+summarised by its best H and by A_up at a common downstream level (linear interpolation
+between the sweep's points, ordered by A_down).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def h_score(a_up: float, a_down: float) -> float:
+    """Harmonic mean of upstream and downstream accuracy (0 when both are 0)."""
+    total = a_up + a_down
+    return 2 * a_up * a_down / total if total > 0 else 0.0
+
+
+def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def upstream_at(points: Sequence[tuple[float, float]], a_down: float) -> float | None:
+    """A_up interpolated at downstream accuracy `a_down` on a frontier of (A_down, A_up).
+
+    The points are ordered by A_down; between two neighbours A_up is interpolated linearly.
+    None when `a_down` lies outside the frontier's range (the method never got there).
+    """
+    pts = sorted(points)
+    if not pts or not pts[0][0] <= a_down <= pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x0 <= a_down <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (a_down - x0) / (x1 - x0)
+    return pts[-1][1]  # a single point equal to a_down
+
+
+def best_h(points: Sequence[tuple[float, float]]) -> float:
+    """The best H-score over a frontier of (A_down, A_up) points."""
+    return max(h_score(up, down) for down, up in points)

@@ -1,0 +1,69 @@
+"""Evaluation: candidate likelihood against a direct computation; forgetting metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dowser.eval import (
+    best_h,
+    candidate_accuracy,
+    candidate_logprobs,
+    h_score,
+    mean_stderr,
+    upstream_at,
+)
+from dowser.tiny import build_model
+from dowser.train.data import Example
+
+
+def direct_logprob(model, tok, prompt: str, answer: str) -> float:
+    prefix = tok(prompt + "\n")["input_ids"]
+    full = tok(prompt + "\n" + answer + tok.eos_token)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
+    return sum(float(logp[t - 1, full[t]]) for t in range(len(prefix), len(full)))
+
+
+def test_candidate_logprobs_match_a_direct_computation():
+    model, tok = build_model("llama")
+    examples = [Example([("the sky is", "")]), Example([("grass is", "")])]
+    cands = ["blue", "green", "a very long answer"]
+    got = candidate_logprobs(model, tok, examples, cands, batch_size=4)
+    assert got.shape == (2, 3)
+    for i, ex in enumerate(examples):
+        for j, c in enumerate(cands):
+            assert got[i, j].item() == pytest.approx(
+                direct_logprob(model, tok, ex.turns[0][0], c), abs=1e-4
+            )
+    mean = candidate_logprobs(model, tok, examples, cands, normalize="mean")
+    assert (mean > got).all()  # per-token averages of negative numbers
+
+
+def test_candidate_accuracy_after_teaching_the_answer():
+    model, tok = build_model("llama")
+    examples = [Example([("colour of the sky?", "")])]
+    cands = ["blue", "green"]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    ids = tok("colour of the sky?\ngreen" + tok.eos_token, return_tensors="pt")["input_ids"]
+    for _ in range(30):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    assert candidate_accuracy(model, tok, examples, cands, [1]) == 1.0
+    assert candidate_accuracy(model, tok, examples, cands, [0]) == 0.0
+
+
+def test_metrics():
+    assert h_score(0.5, 0.5) == 0.5 and h_score(0, 0) == 0
+    assert h_score(1.0, 0.5) == pytest.approx(2 / 3)
+    m, se = mean_stderr([1.0, 2.0, 3.0])
+    assert m == 2.0 and se == pytest.approx(math.sqrt(1 / 3))
+    assert mean_stderr([4.0]) == (4.0, 0.0)
+    frontier = [(0.2, 0.9), (0.6, 0.7), (0.8, 0.3)]
+    assert upstream_at(frontier, 0.4) == pytest.approx(0.8)
+    assert upstream_at(frontier, 0.7) == pytest.approx(0.5)
+    assert upstream_at(frontier, 0.9) is None and upstream_at(frontier, 0.1) is None
+    assert best_h(frontier) == pytest.approx(h_score(0.7, 0.6))
