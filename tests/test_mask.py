@@ -186,5 +186,5 @@ def test_negative_zero_counts_as_zero():
 
 def test_a_ratio_too_small_for_a_matrix_warns(probed):
     model, scores = probed
-    with pytest.warns(UserWarning, match="no trainable entry"):
+    with pytest.warns(UserWarning, match="too small to leave any entry"):
         dowser.build_mask(model, scores, update_ratio=0.001)

@@ -207,17 +207,23 @@ def build_mask(
             dense = _checked_dense(scores, name)
             masks[name] = _lowest_per_row(dense, ratio, scores.targets[name].transposed)
             continue
-        k = round_half_up(ratio * sum(math.prod(scores.shapes[n]) for n in group))
+        k = round_half_up(ratio * _numel(scores, group))
         if len(group) == 1:  # one matrix: form it once
             group_scores = [_checked_dense(scores, group[0])]
         else:  # several: form each when needed, one at a time (see lowest_k)
             group_scores = [partial(_checked_dense, scores, n) for n in group]
         masks.update(zip(group, lowest_k(group_scores, k), strict=True))
-    empty = [n for n, m in masks.items() if not m.any()]
+
+    # A group too small for the ratio (k = 0) stays wholly frozen; in "layer" or "global"
+    # scope a matrix may legitimately get no trainable entry, which is the ranking's choice.
+    def group_size(g: list[str]) -> int:  # what the ratio is applied to
+        return scores.targets[g[0]].in_features if scope == "row" else _numel(scores, g)
+
+    empty = [n for g in groups for n in g if round_half_up(ratio * group_size(g)) == 0]
     if empty:
         warnings.warn(
-            f"update_ratio={ratio} leaves no trainable entry in {len(empty)} of {len(masks)} "
-            f"matrices (e.g. {empty[0]}); they stay frozen",
+            f"update_ratio={ratio} is too small to leave any entry of {len(empty)} of "
+            f"{len(masks)} matrices trainable (e.g. {empty[0]}); they stay frozen",
             stacklevel=2,
         )
     masks = {n: masks[n] for n in scores.names if n in masks}  # model order
@@ -236,6 +242,10 @@ def build_mask(
     }
     fps = {n: scores.fingerprints[n] for n in masks}
     return Mask(masks, meta=meta, info=info, fingerprints=fps)
+
+
+def _numel(scores: Scores, group: list[str]) -> int:
+    return sum(math.prod(scores.shapes[n]) for n in group)
 
 
 def round_half_up(x: float) -> int:

@@ -2,6 +2,8 @@
 
 masks.py    random, magnitude and Wanda masks (same ratio and layers as Dowser's)
 lora.py     LoRA on the same matrices (PEFT)
+spider.py   SPIDER: per-step interpolation between W0 and W from gradient importance
+merging.py  post-hoc merging: DARE, grafting, Model Tailor
 """
 
 from dowser.baselines.lora import lora_config, tuned_modules
@@ -13,13 +15,21 @@ from dowser.baselines.masks import (
     wanda_mask,
     wanda_scores,
 )
+from dowser.baselines.merging import InputCovariance, dare, graft, model_tailor
+from dowser.baselines.spider import Spider, spider
 
 __all__ = [
+    "InputCovariance",
+    "Spider",
+    "dare",
+    "graft",
     "lora_config",
     "magnitude_mask",
     "magnitude_scores",
+    "model_tailor",
     "random_mask",
     "random_scores",
+    "spider",
     "tuned_modules",
     "wanda_mask",
     "wanda_scores",
