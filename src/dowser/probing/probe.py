@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from dowser.errors import DowserError
 from dowser.fingerprint import model_fingerprints
 from dowser.probing.capture import Recorder, TokenMask, recording
-from dowser.probing.synthetic import probe_batches, synthetic_samples, to_model
+from dowser.probing.synthetic import synthetic_batches, to_model
 from dowser.scores import Factors, Scores
 from dowser.targets import Target, select_targets
 from dowser.version import __version__
@@ -92,27 +92,25 @@ def probe(
         model.to(device=device, dtype=dtype)
     device = _device_of(model)
     targets = select_targets(model, layers, include_lm_head=include_lm_head)
-    generator = torch.Generator().manual_seed(seed)
     synthetic = batches is None
     was_training = model.training
     model.eval()
     try:
         if synthetic:
-            samples, pad = synthetic_samples(
+            batches = synthetic_batches(
                 model,
                 tokenizer=tokenizer,
                 processor=processor,
                 num_samples=num_samples,
+                batch_size=batch_size,
                 seq_len=seq_len,
                 images=images,
-                generator=generator,
-                device=device,
+                seed=seed,
                 progress=progress,
             )
-            batches = probe_batches(samples, batch_size, pad)
-            total = -(-num_samples // batch_size)
-        else:
-            total = len(batches) if hasattr(batches, "__len__") else None
+        total = len(batches) if hasattr(batches, "__len__") else None
+        # probe vectors: their own stream, the same whether the batches were made or given
+        generator = torch.Generator().manual_seed(seed)
         run = _Run(targets, num_probes, estimator, output_fn, generator)
         run.go(model, batches, device, progress, total)
     finally:
