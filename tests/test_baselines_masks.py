@@ -88,6 +88,7 @@ def test_wanda_on_synthetic_batches():
 
 def test_lora_adapts_the_same_matrices_as_the_mask():
     import peft
+
     model = tiny_llama(layers=3)
     mods = tuned_modules(model, targets="attn,mlp", last_layers=2)
     mask = magnitude_mask(model, last_layers=2)
