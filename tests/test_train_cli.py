@@ -62,6 +62,21 @@ def setup(tmp_path_factory, checkpoint_dirs):
     return root, masks
 
 
+def train_llama(setup, checkpoint_dirs, out, capsys, *extra) -> None:
+    """`dowser train` on the tiny Llama with its mask and the text data, which must succeed."""
+    root, masks = setup
+    argv = [
+        "train",
+        checkpoint_dirs["llama"],
+        "--mask",
+        masks["llama"],
+        "--data",
+        root / "text.jsonl",
+    ]
+    code, _, err = run([*argv, "--out", out, "--quiet", *extra], capsys)
+    assert code == 0, err
+
+
 def main_ok(argv) -> bool:
     from dowser.cli import main
 
@@ -244,24 +259,7 @@ def test_train_user_errors(setup, checkpoint_dirs, tmp_path, capsys):
 def test_apply_delta_refuses_another_base(setup, checkpoint_dirs, tmp_path, capsys):
     root, masks = setup
     out = tmp_path / "out"
-    assert (
-        run(
-            [
-                "train",
-                checkpoint_dirs["llama"],
-                "--mask",
-                masks["llama"],
-                "--data",
-                root / "text.jsonl",
-                "--out",
-                out,
-                "--save-delta",
-                "--quiet",
-            ],
-            capsys,
-        )[0]
-        == 0
-    )
+    train_llama(setup, checkpoint_dirs, out, capsys, "--save-delta")
     other = build_checkpoint("llama", tmp_path / "other", seed=5)
     user_error(
         ["apply-delta", other, out / "delta.safetensors", "--out", tmp_path / "m"],
@@ -425,24 +423,7 @@ def test_outputs_that_are_files(setup, checkpoint_dirs, tmp_path, capsys):
     afile.write_text("mine")
     user_error(["demo", "--out", afile, "--quiet"], capsys, "not a directory")
     out = tmp_path / "out"
-    assert (
-        run(
-            [
-                "train",
-                checkpoint_dirs["llama"],
-                "--mask",
-                masks["llama"],
-                "--data",
-                root / "text.jsonl",
-                "--out",
-                out,
-                "--save-delta",
-                "--quiet",
-            ],
-            capsys,
-        )[0]
-        == 0
-    )
+    train_llama(setup, checkpoint_dirs, out, capsys, "--save-delta")
     user_error(
         [
             "apply-delta",
