@@ -100,3 +100,11 @@ def test_lora_adapts_the_same_matrices_as_the_mask():
     assert trainable and all("lora_" in n for n in trainable)
     with pytest.raises(dowser.DowserError, match="last_layers"):
         tuned_modules(model, last_layers=9)
+
+
+def test_random_scores_are_not_saved(tmp_path):
+    from dowser.baselines.masks import random_scores
+
+    with pytest.raises(dowser.DowserError, match="not saved"):
+        random_scores(tiny_llama(), seed=3).save(tmp_path / "r.safetensors")
+    assert not (tmp_path / "r.safetensors").exists()

@@ -67,3 +67,28 @@ def test_metrics():
     assert upstream_at(frontier, 0.7) == pytest.approx(0.5)
     assert upstream_at(frontier, 0.9) is None and upstream_at(frontier, 0.1) is None
     assert best_h(frontier) == pytest.approx(h_score(0.7, 0.6))
+
+
+@pytest.mark.parametrize("arch", ["llava", "paligemma"])
+def test_vision_candidates_batched_equal_one_at_a_time(arch, tmp_path):
+    from PIL import Image
+
+    model, processor = build_model(arch)
+    Image.new("RGB", (32, 32), (0, 90, 200)).save(tmp_path / "a.png")
+    Image.new("RGB", (32, 32), (20, 200, 20)).save(tmp_path / "b.png")
+    examples = [
+        Example([("colour?", "")], tmp_path / "a.png"),
+        Example([("what is the colour?", "")], tmp_path / "b.png"),
+    ]
+    cands = ["blue", "green", "dark red"]
+    batched = candidate_logprobs(model, processor, examples, cands, batch_size=6)
+    single = candidate_logprobs(model, processor, examples, cands, batch_size=1)
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_normalisation_is_refused():
+    from dowser import DowserError
+
+    model, tok = build_model("llama")
+    with pytest.raises(DowserError, match="normalize"):
+        candidate_logprobs(model, tok, [Example([("q", "")])], ["a"], normalize="avg")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from dowser import DowserError
 from dowser.tiny import build_model
-from dowser.train.data import IGNORE, Collator, SupervisedDataset, load_examples
+from dowser.train.data import IGNORE, Collator, Example, SupervisedDataset, load_examples
 
 
 @pytest.fixture
@@ -124,3 +124,19 @@ def test_image_for_a_text_model_is_refused(files):
         SupervisedDataset(load_examples(files / "a.jsonl"), tok)
     with pytest.raises(DowserError, match="does not exist"):
         load_examples(files / "missing.jsonl")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llava", "qwen2_vl", "idefics3", "paligemma"])
+def test_exactly_the_answer_tokens_carry_loss(arch, files):
+    """Regression: PaliGemma's processor appends "\\n" to every text; it must carry no loss."""
+    _, processor = build_model(arch)
+    tok = getattr(processor, "tokenizer", processor)
+    image = files / "red.png" if hasattr(processor, "image_processor") else None
+    ex = Example([("what colour?", "blue")], image.resolve() if image else None)
+    item = SupervisedDataset([ex], processor)[0]
+    labelled = item["input_ids"][item["labels"] != IGNORE].tolist()
+    answer = tok("blue" + tok.eos_token, add_special_tokens=False)["input_ids"]
+    assert labelled == answer, (
+        tok.convert_ids_to_tokens(labelled),
+        tok.convert_ids_to_tokens(answer),
+    )

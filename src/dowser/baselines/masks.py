@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from dowser.errors import DowserError
 from dowser.fingerprint import model_fingerprints
 from dowser.mask import Mask, build_mask
 from dowser.probing.capture import TokenMask, is_text_layer
@@ -56,6 +57,13 @@ class RandomScores(Scores):
     def __init__(self, *args, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.seed = seed
+
+    def save(self, path, *, overwrite: bool = False):
+        """Refused: a file would hold only the factors, and would load as magnitude scores."""
+        raise DowserError(
+            "random scores are not saved: rebuild them (and their masks) from the seed with "
+            f"random_scores(model, seed={self.seed}) or random_mask(model, seed={self.seed})"
+        )
 
     def dense(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         shape = self.shapes[name]

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dowser.errors import DowserError
 from dowser.train.data import IGNORE, Collator, Example, SupervisedDataset
 
 
@@ -33,6 +33,8 @@ def candidate_logprobs(
     Only the first turn's prompt of each example is used. `normalize="mean"` divides by the
     number of answer tokens instead of summing.
     """
+    if normalize not in ("sum", "mean"):
+        raise DowserError(f'normalize={normalize!r}: use "sum" or "mean"')
     pairs = [
         Example([(ex.turns[0][0], cand)], ex.image, ex.where)
         for ex in examples
@@ -54,15 +56,19 @@ def candidate_logprobs(
             dtype = next(model.parameters()).dtype
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            logits = model(**batch).logits.float()
-            # position t predicts token t + 1
-            logp = F.log_softmax(logits[:, :-1], dim=-1)
+            logits = model(**batch).logits
+            # position t predicts token t + 1; only answer positions are normalised (the
+            # prompt and image positions would cost a (B, T, V) float32 tensor)
             target = labels[:, 1:]
             keep = target != IGNORE
-            picked = logp.gather(-1, target.clamp_min(0)[..., None]).squeeze(-1) * keep
-            total = picked.sum(1)
+            rows = logits[:, :-1][keep].float()  # (answer tokens in batch, V)
+            picked = rows.gather(1, target[keep][:, None]).squeeze(1) - rows.logsumexp(1)
+            per_row = keep.sum(1)
+            total = torch.zeros(len(target), device=picked.device).index_add_(
+                0, keep.nonzero()[:, 0], picked
+            )
             if normalize == "mean":
-                total = total / keep.sum(1).clamp_min(1)
+                total = total / per_row.clamp_min(1)
             scores.append(total.cpu())
     finally:
         model.train(was_training)

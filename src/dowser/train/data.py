@@ -178,8 +178,7 @@ class SupervisedDataset(Dataset):
         ids = enc["input_ids"][0]
         labels = torch.full_like(ids, IGNORE)
         for prefix, full in zip(prefixes, fulls, strict=True):
-            start = self._length(prefix, image)
-            end = self._length(full, image)
+            start, end = self._answer_span(ids, prefix, full, image)
             labels[start:end] = ids[start:end]
         first_answer = (
             int((labels != IGNORE).nonzero()[0]) if (labels != IGNORE).any() else len(ids)
@@ -252,6 +251,22 @@ class SupervisedDataset(Dataset):
 
     def _length(self, text: str, image) -> int:
         return int(self._encode(text, image)["input_ids"].shape[1])
+
+    def _answer_span(self, ids: torch.Tensor, prefix: str, full: str, image) -> tuple[int, int]:
+        """Token positions [start, end) of the answer that `full` adds to `prefix` in `ids`.
+
+        Encoded separately, the prefix is matched against `ids` token by token: the answer
+        starts where they part. Tokens of the prefix's encoding past that point are what the
+        processor appends to every text (PaliGemma appends "\n"); the same count is taken off
+        the end of `full`'s encoding, so those tokens never carry loss.
+        """
+        p = self._encode(prefix, image)["input_ids"][0]
+        n = min(len(p), len(ids))
+        differ = (p[:n] != ids[:n]).nonzero()
+        start = int(differ[0]) if len(differ) else n
+        appended = len(p) - start
+        end = self._length(full, image) - appended
+        return start, max(start, end)
 
 
 def _load_image(path: Path):
