@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
+from conftest import tiny_llama, token_batches
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dowser.baselines.merging import InputCovariance, dare, graft, model_tailor
 from dowser.errors import DowserError
@@ -74,7 +77,8 @@ def test_dare_is_deterministic_per_seed_and_keeps_dtype():
     assert torch.equal(a, dare(base16, tuned16, seed=7)["w"])
     assert not torch.equal(a, dare(base16, tuned16, seed=8)["w"])
     # the mask of a tensor depends on its name, not on which other tensors are merged with it
-    both = dare({**base16, "v": base16["w"]}, {**tuned16, "v": tuned16["w"]}, seed=7)
+    # (a copy: the same tensor under two names would be one tied weight, with one mask)
+    both = dare({**base16, "v": base16["w"]}, {**tuned16, "v": tuned16["w"].clone()}, seed=7)
     assert torch.equal(both["w"], a)
 
 
@@ -116,6 +120,125 @@ def test_graft_breaks_ties_by_lower_flat_index():
     out = graft(base, tuned, keep=0.5)["w"]  # 4 kept: both 3s, then the first two of six 1s
     kept = (out != 0).flatten().tolist()
     assert kept == [True, True, True, False, False, False, True, False]
+
+
+# --------------------------------------------------------------------------------------------
+# Tied weights and memory
+
+
+def tied_pair(seed=5):
+    """A tied model's state dicts: two names of one fine-tuned tensor (the base cloned apart,
+    as `{n: t.clone() ...}` does), plus an untied tensor."""
+    g = torch.Generator().manual_seed(seed)
+    emb_pre, other_pre = torch.randn(16, 10, generator=g), torch.randn(6, 10, generator=g)
+    emb_ft = emb_pre + 0.1 * torch.randn(16, 10, generator=g)
+    other_ft = other_pre + 0.1 * torch.randn(6, 10, generator=g)
+    base = {"model.embed_tokens.weight": emb_pre, "lm_head.weight": emb_pre.clone()}
+    tuned = {"model.embed_tokens.weight": emb_ft, "lm_head.weight": emb_ft}
+    base["other.weight"], tuned["other.weight"] = other_pre, other_ft
+    return base, tuned
+
+
+def test_dare_merges_a_tied_tensor_once_with_one_mask():
+    base, tuned = tied_pair()
+    out = dare(base, tuned, drop=0.5, seed=3)
+    assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
+    # the mask of the first name in sorted order, whatever order the names come in
+    alone = dare(
+        {"lm_head.weight": base["lm_head.weight"]},
+        {"lm_head.weight": tuned["lm_head.weight"]},
+        drop=0.5,
+        seed=3,
+    )
+    assert torch.equal(out["lm_head.weight"], alone["lm_head.weight"])
+    reordered = dare(dict(reversed(base.items())), dict(reversed(tuned.items())), drop=0.5, seed=3)
+    assert all(torch.equal(reordered[n], out[n]) for n in out)
+    names = ["model.embed_tokens.weight", "lm_head.weight"]
+    assert dare(base, tuned, drop=0.5, seed=3, names=names).keys() == set(names)
+    # untouched (drop=0): each name gets its own fine-tuned tensor object
+    assert all(dare(base, tuned, drop=0.0)[n] is tuned[n] for n in tuned)
+
+
+def test_dare_on_a_tied_llama_keeps_the_tie():
+    model = tiny_llama(tie=True)
+    base = {n: t.clone() for n, t in model.state_dict().items()}
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    merged = dare(base, model.state_dict(), drop=0.9)
+    emb = merged["model.embed_tokens.weight"]
+    assert merged["lm_head.weight"] is emb
+    model.load_state_dict(merged, strict=False)
+    assert torch.equal(model.lm_head.weight, emb) and torch.equal(
+        model.model.embed_tokens.weight, emb
+    )
+    assert abs((emb == base["lm_head.weight"]).float().mean().item() - 0.9) < 0.05
+
+
+def test_graft_and_model_tailor_merge_a_tied_tensor_once():
+    base, tuned = tied_pair()
+    grafted = graft(base, tuned, keep=0.3)
+    assert grafted["lm_head.weight"] is grafted["model.embed_tokens.weight"]
+    assert int((grafted["lm_head.weight"] != base["lm_head.weight"]).sum()) == 48
+    h = hessian(correlated_inputs(10, seed=7))
+    h2 = hessian(correlated_inputs(10, seed=8))
+    # only the head is an nn.Linear with a Hessian: the embedding name gets the same result
+    out = model_tailor(base, tuned, {"lm_head.weight": h}, keep=0.3)
+    assert out["lm_head.weight"] is out["model.embed_tokens.weight"]
+    alone = model_tailor(
+        {"w": base["lm_head.weight"]}, {"w": tuned["lm_head.weight"]}, {"w": h}, keep=0.3
+    )
+    assert torch.equal(out["lm_head.weight"], alone["w"])
+    assert out["other.weight"] is tuned["other.weight"]  # no Hessian
+    # one weight read by two layers: the sum of their Hessians
+    both = model_tailor(
+        base, tuned, {"lm_head.weight": h, "model.embed_tokens.weight": h2}, keep=0.3
+    )
+    summed = model_tailor(
+        {"w": base["lm_head.weight"]}, {"w": tuned["lm_head.weight"]}, {"w": h + h2}, keep=0.3
+    )
+    assert both["lm_head.weight"] is both["model.embed_tokens.weight"]
+    torch.testing.assert_close(both["lm_head.weight"], summed["w"], rtol=0, atol=1e-6)
+    assert not torch.equal(both["lm_head.weight"], out["lm_head.weight"])
+    # tied in the fine-tuned model, but the base tensors disagree: no single answer
+    base["lm_head.weight"] = base["lm_head.weight"] + 1
+    with pytest.raises(DowserError, match="tied weights"):
+        graft(base, tuned)
+
+
+class _ConversionWatch(TorchDispatchMode):
+    """Records, at each dtype conversion, how many earlier conversion results are alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.results, self.alive_at_each = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float64:
+            self.alive_at_each.append(sum(r() is not None for r in self.results))
+            self.results.append(weakref.ref(out))
+        return out
+
+
+@pytest.mark.parametrize("method", ["dare", "graft", "model_tailor"])
+def test_base_tensors_are_converted_one_at_a_time(method):
+    g = torch.Generator().manual_seed(6)
+    base = {f"w{i}": torch.randn(8, 10, generator=g, dtype=torch.float64) for i in range(5)}
+    tuned = {n: (t + 0.1).float() for n, t in base.items()}
+    hs = {n: hessian(correlated_inputs(10)) for n in base}
+    call = {
+        "dare": lambda: dare(base, tuned, drop=0.5),
+        "graft": lambda: graft(base, tuned, keep=0.3),
+        "model_tailor": lambda: model_tailor(base, tuned, hs, keep=0.3),
+    }[method]
+    with _ConversionWatch() as watch:
+        out = call()
+    assert len(watch.results) == 5  # one float64 -> float32 conversion per base tensor
+    # the previous tensor's conversion may still be held by the caller's loop, no older one
+    assert max(watch.alive_at_each) <= 1
+    assert all(out[n].dtype == torch.float32 for n in base)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +291,130 @@ def test_input_covariance_removes_hooks_even_on_error():
         InputCovariance(model, ["0.weight"])
 
 
+class _Block(nn.Module):
+    """q/k/v read one input, o another; gate/up read one input, down another. skip_v leaves v
+    out of a forward; touch modifies x in place between q and k."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.o = (nn.Linear(6, 6) for _ in range(4))
+        self.gate, self.up, self.down = nn.Linear(6, 9), nn.Linear(6, 9), nn.Linear(9, 6)
+        self.skip_v = self.touch = False
+
+    def forward(self, x):
+        q = self.q(x)
+        if self.touch:
+            x.mul_(2.0)
+        a = q * self.k(x) + (0 if self.skip_v else self.v(x))
+        h = x + self.o(a)
+        return h + self.down(torch.tanh(self.gate(h)) * self.up(h))
+
+
+def _block_inputs(block, x):
+    """Each module's input, by hand."""
+    q, k, v = block.q(x), block.k(x), block.v(x)
+    h = x + block.o(q * k + (0 if block.skip_v else v))
+    return {
+        "qkv": x,
+        "o": q * k + (0 if block.skip_v else v),
+        "gu": h,
+        "down": torch.tanh(block.gate(h)) * block.up(h),
+    }
+
+
+def test_input_covariance_shares_one_sum_per_input():
+    block = _Block()
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(2, 5, 6, generator=g), torch.randn(3, 6, generator=g)]
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    with torch.no_grad(), InputCovariance(block) as cov:
+        for x in batches:
+            cov.attention_mask = mask if x.dim() == 3 else None
+            block(x)
+    with torch.no_grad(), InputCovariance(block, share_inputs=False) as apart:
+        for x in batches:
+            apart.attention_mask = mask if x.dim() == 3 else None
+            block(x)
+    assert len(cov.sums) == 4 and len(apart.sums) == 7  # distinct inputs vs modules
+    hs, hs_apart = cov.hessians(), apart.hessians()
+    assert hs["q.weight"] is hs["k.weight"] is hs["v.weight"]
+    assert hs["gate.weight"] is hs["up.weight"]
+    assert hs["q.weight"] is not hs["o.weight"]
+    assert hs.keys() == hs_apart.keys()
+    for n in hs:
+        torch.testing.assert_close(hs[n], hs_apart[n])
+    with torch.no_grad():
+        seen = [_block_inputs(block, x) for x in batches]
+    for key, names in {"qkv": "qkv", "o": ["o"], "gu": ["gate", "up"], "down": ["down"]}.items():
+        rows = [seen[0][key][mask.bool()], seen[1][key]]  # padding dropped
+        x = torch.cat(rows)
+        for n in names:
+            torch.testing.assert_close(hs[f"{n}.weight"], 2 * x.T @ x / 11)
+            assert cov.counts[n] == 11  # 3 + 5 unpadded, then 3
+
+
+def test_input_covariance_follows_modules_that_stop_sharing():
+    block = _Block()
+    g = torch.Generator().manual_seed(5)
+    x1, x2 = torch.randn(4, 6, generator=g), torch.randn(3, 6, generator=g)
+    with torch.no_grad(), InputCovariance(block, ["q", "k", "v"]) as cov:
+        block(x1)
+        block.skip_v = True
+        block(x2)  # v does not read x2
+    hs = cov.hessians()
+    both = torch.cat([x1, x2])
+    torch.testing.assert_close(hs["q.weight"], 2 * both.T @ both / 7)
+    torch.testing.assert_close(hs["v.weight"], 2 * x1.T @ x1 / 4)
+    assert hs["q.weight"] is hs["k.weight"] and cov.counts == {"q": 7, "k": 7, "v": 4}
+
+
+def test_input_covariance_refuses_an_input_changed_in_place():
+    block = _Block()
+    block.touch = True  # x doubles between q and k
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(6))
+    with (
+        pytest.raises(DowserError, match="share_inputs=False"),
+        torch.no_grad(),
+        InputCovariance(block, ["q", "k"]),
+    ):
+        block(x.clone())
+    assert all(not m._forward_hooks for m in block.modules())
+    with torch.no_grad(), InputCovariance(block, ["q", "k"], share_inputs=False) as cov:
+        block(x.clone())
+    hs = cov.hessians()
+    torch.testing.assert_close(hs["q.weight"], 2 * x.T @ x / 4)
+    torch.testing.assert_close(hs["k.weight"], 2 * 4 * x.T @ x / 4)
+    # inference tensors cannot show in-place changes: never shared, still exact
+    block.touch = False
+    with torch.inference_mode(), InputCovariance(block, ["q", "k"]) as cov:
+        block(x.clone())
+    assert len(cov.sums) == 2
+    torch.testing.assert_close(cov.hessians()["k.weight"], 2 * x.T @ x / 4)
+
+
+def test_input_covariance_on_a_llama_shares_qkv_and_gate_up():
+    model = tiny_llama(layers=2)
+    batches = token_batches(64)
+    collected = {}
+    for share in (True, False):
+        with torch.no_grad(), InputCovariance(model, share_inputs=share) as cov:
+            for batch in batches:
+                cov.attention_mask = batch["attention_mask"]
+                model(**batch)
+        collected[share] = cov
+    # per layer: q/k/v, o, gate/up, down; then lm_head
+    assert len(collected[True].sums) == 2 * 4 + 1
+    assert len(collected[False].sums) == 2 * 7 + 1
+    hs, hs_apart = collected[True].hessians(), collected[False].hessians()
+    attn = "model.layers.1.self_attn"
+    assert hs[f"{attn}.q_proj.weight"] is hs[f"{attn}.v_proj.weight"]
+    assert hs["model.layers.0.mlp.gate_proj.weight"] is hs["model.layers.0.mlp.up_proj.weight"]
+    assert hs.keys() == hs_apart.keys()
+    for n in hs:
+        torch.testing.assert_close(hs[n], hs_apart[n])
+
+
 # --------------------------------------------------------------------------------------------
 # Model Tailor
 
@@ -186,9 +433,16 @@ def test_model_tailor_keeps_exact_count_and_reverts_bit_exactly():
     assert out.dtype == tuned["w"].dtype
     # half precision in, half precision out (the math runs in float32); reverted stay W_pre
     base16 = {"w": base["w"].bfloat16()}
-    out16 = model_tailor(base16, {"w": tuned["w"].bfloat16()}, hs, keep=0.3, block=4)["w"]
+    tuned16 = {"w": tuned["w"].bfloat16()}
+    out16 = model_tailor(base16, tuned16, hs, keep=0.3, block=4)["w"]
     assert out16.dtype == torch.bfloat16
-    assert int((out16 != base16["w"]).sum()) <= 18
+    # every kept entry still differs from W_pre after rounding to bf16 on this example
+    assert int((out16 != base16["w"]).sum()) == 18
+    # exactly the float32 result on the bf16 values, rounded once at the end
+    as32 = model_tailor(
+        {"w": base16["w"].float()}, {"w": tuned16["w"].float()}, hs, keep=0.3, block=4
+    )["w"]
+    assert torch.equal(out16, as32.bfloat16())
 
 
 def test_model_tailor_keep_one_returns_tuned():

@@ -1,5 +1,5 @@
 """SPIDER: the update against an independent float64 reference, exact reverts, coefficient
-scaling, gradient accumulation, hook removal, weight selection and memory."""
+scaling, what G sums (per step or per backward), hook removal, weight selection and memory."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def _capture_raw(opt: torch.optim.Optimizer, params: dict) -> dict:
 def test_update_matches_the_formula():
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
-    weights = {n: p for n, p in model.named_parameters() if p.dim() == 2}
+    weights = dict(model.named_parameters())  # the default covers the biases too
     w0 = {n: p.detach().double().clone() for n, p in weights.items()}
     g_sum = {n: torch.zeros_like(w) for n, w in w0.items()}
     raw = _capture_raw(opt, weights)
@@ -123,17 +123,50 @@ def test_coefficients_nonzero_mean_is_one_before_the_clip():
 
 def test_coefficients_without_spread_or_winners_are_zero_not_nan():
     w0 = torch.full((4, 4), 0.3)  # constant: I_pre = 1/2 everywhere
-    c = spider_coefficients(w0, torch.zeros(4, 4))  # G = 0: I_ft = 1/2, never > I_pre
+    c = spider_coefficients(w0, torch.zeros(4, 4))  # G = 0: I_ft = 0, never > I_pre
     assert torch.equal(c, torch.zeros(4, 4))
-    assert torch.equal(importance(torch.zeros(3, 3)), torch.full((3, 3), 0.5))
+    # an all-zero tensor is unimportant everywhere (the authors' rank function), a constant
+    # nonzero one average everywhere
+    assert torch.equal(importance(torch.zeros(3, 3)), torch.zeros(3, 3))
+    assert torch.equal(importance(torch.full((3, 3), -0.2)), torch.full((3, 3), 0.5))
+    assert torch.equal(importance(torch.full((3,), 1e-45)), torch.full((3,), 0.5))  # subnormal
 
 
-def test_gradient_accumulation_counts_each_micro_batch_once():
+def test_an_all_zero_gradient_sum_reverts_the_weight_fully():
+    g = torch.Generator().manual_seed(11)
+    w0 = torch.randn(8, 5, generator=g)  # I_pre spread around 1/2, below it for small |W0|
+    assert torch.equal(spider_coefficients(w0, torch.zeros(8, 5)), torch.zeros(8, 5))
+    assert torch.equal(spider_coefficients(w0, torch.zeros(8, 5), clip=False), torch.zeros(8, 5))
+    # a zero W0 (zero-initialised bias) is unimportant to pretraining: any G keeps it all
+    grad = torch.randn(7, generator=g)
+    assert torch.equal(spider_coefficients(torch.zeros(7), grad), torch.ones(7))
+    # in training: layer 0's output is multiplied by 0, so its gradient is exactly zero at
+    # every step, while AdamW's weight decay still moves it: SPIDER must put it back to W0
+    model = _model(12)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.5)
+    w0_model = {n: p.detach().clone() for n, p in model.named_parameters()}
+    raw = _capture_raw(opt, dict(model.named_parameters()))
+    with spider(model, opt) as sp:
+        for step in range(3):
+            opt.zero_grad()
+            x, y = _batch(step)
+            hidden = torch.tanh(0.0 * model[0](x) + x[:, :1])  # layer 0 does not matter
+            ((model[2](hidden) - y) ** 2).mean().backward()
+            assert torch.equal(model[0].weight.grad, torch.zeros(8, 6))
+            opt.step()
+            for n in ("0.weight", "0.bias"):
+                assert not torch.equal(raw[n], w0_model[n].double())  # decay moved it...
+                assert torch.equal(model.get_parameter(n), w0_model[n])  # ...SPIDER undid it
+            assert not torch.equal(model[2].weight, w0_model["2.weight"])
+        assert torch.equal(sp.grad_sum["0.weight"], torch.zeros(8, 6))
+
+
+def test_backward_mode_counts_each_micro_batch_once():
     model = _model(2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     weights = {n: p for n, p in model.named_parameters() if p.dim() == 2}
     expected = {n: torch.zeros_like(p) for n, p in weights.items()}
-    with spider(model, opt) as sp:
+    with spider(model, opt, include_1d=False, accumulate="backward") as sp:
         for step in range(2):
             opt.zero_grad()
             for micro in range(2):
@@ -151,13 +184,78 @@ def test_gradient_accumulation_counts_each_micro_batch_once():
     assert not torch.equal(expected["0.weight"], torch.zeros_like(expected["0.weight"]))
 
 
-def test_a_weight_used_twice_counts_its_summed_gradient_once():
+def test_step_mode_sums_the_gradient_each_step_uses():
+    # accumulated over micro-batches, then clipped: the p.grad the optimizer steps with
+    model = _model(2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = dict(model.named_parameters())
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    with spider(model, opt) as sp:
+        assert sp.accumulate == "step"
+        for p in params.values():  # no per-backward hook on any weight
+            assert not p._backward_hooks and not p._post_accumulate_grad_hooks
+        for step in range(3):
+            opt.zero_grad()
+            for micro in range(2):
+                _loss(model, 10 * step + micro).backward()
+                for n in params:  # nothing is added before the step
+                    torch.testing.assert_close(sp.grad_sum[n], expected[n])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            for n, p in params.items():
+                expected[n] += p.grad
+            opt.step()
+            for n in params:
+                torch.testing.assert_close(sp.grad_sum[n], expected[n], rtol=0, atol=0)
+        # a step whose weight has no gradient adds nothing for it
+        opt.zero_grad(set_to_none=True)
+        model[2].weight.grad = torch.ones_like(model[2].weight)
+        opt.step()
+        expected["2.weight"] += 1
+        for n in params:
+            torch.testing.assert_close(sp.grad_sum[n], expected[n], rtol=0, atol=0)
+    assert sp.steps == 4
+
+
+def test_step_mode_sees_unscaled_gradients_and_skips_overflowing_steps():
+    model = _model(13)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    with spider(model, opt) as sp:
+        for step in range(2):
+            opt.zero_grad()
+            loss = _loss(model, step)
+            grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+            for n, gr in zip(expected, grads, strict=True):
+                expected[n] += gr  # unscaled
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        for n in expected:
+            torch.testing.assert_close(sp.grad_sum[n], expected[n])
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        scaler.scale(_loss(model, 5) * float("inf")).backward()
+        scaler.step(opt)  # overflow: skipped, so neither G nor W changes
+        scaler.update()
+        assert sp.steps == 2
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n])
+            torch.testing.assert_close(sp.grad_sum[n], expected[n])
+
+
+@pytest.mark.parametrize("accumulate", ["step", "backward"])
+def test_a_weight_used_twice_counts_its_summed_gradient_once(accumulate):
     lin = nn.Linear(4, 4)
     opt = torch.optim.SGD(lin.parameters(), lr=0.1)
-    with spider(lin, opt) as sp:
+    with spider(lin, opt, accumulate=accumulate) as sp:
         x = torch.randn(3, 4)
         lin(torch.tanh(lin(x))).sum().backward()
+        if accumulate == "step":
+            opt.step()  # G grows at the step, by the p.grad the step uses
         torch.testing.assert_close(sp.grad_sum["weight"], lin.weight.grad)
+    with pytest.raises(DowserError, match="accumulate='grad'"):
+        spider(lin, opt, accumulate="grad")
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
@@ -167,16 +265,17 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
         opt.step()
 
 
+@pytest.mark.parametrize("accumulate", ["step", "backward"])
 @pytest.mark.parametrize("how", ["remove", "exit"])
-def test_removed_hooks_leave_plain_training(how):
+def test_removed_hooks_leave_plain_training(how, accumulate):
     model, twin = _model(4), _model(4)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
     twin_opt = torch.optim.AdamW(twin.parameters(), lr=0.05, weight_decay=0.1)
     if how == "exit":
-        with spider(model, opt) as sp:
+        with spider(model, opt, accumulate=accumulate) as sp:
             _train(model, opt, range(1))
     else:
-        sp = spider(model, opt)
+        sp = spider(model, opt, accumulate=accumulate)
         _train(model, opt, range(1))
         sp.remove()
         sp.remove()  # idempotent
@@ -211,12 +310,16 @@ def test_names_restrict_which_weights_change():
                     assert torch.equal(p.detach().double(), raw[n]), n  # plain Adam
 
 
-def test_default_covers_trainable_matrices_in_the_optimizer():
+def test_default_covers_trainable_parameters_in_the_optimizer():
     model = _model(6)
     model[0].weight.requires_grad_(False)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    with Spider(model, opt) as sp:
+    with Spider(model, opt) as sp:  # 1-D parameters too, as the authors
+        assert list(sp.params) == ["0.bias", "2.weight", "2.bias"]
+    with Spider(model, opt, include_1d=False) as sp:
         assert list(sp.params) == ["2.weight"]
+    with pytest.raises(DowserError, match="dim >= 2"):
+        spider(model, torch.optim.SGD([model[0].bias], lr=0.1), include_1d=False)
     with pytest.raises(DowserError, match="no parameter"):
         spider(model, opt, names=["3.weight"])
     with pytest.raises(DowserError, match="requires? grad"):
@@ -224,14 +327,14 @@ def test_default_covers_trainable_matrices_in_the_optimizer():
     with pytest.raises(DowserError, match="not in the optimizer"):
         spider(model, torch.optim.SGD(model[2].parameters(), lr=0.1), names=["0.bias"])
     with pytest.raises(DowserError, match="nothing"):
-        spider(model, torch.optim.SGD(model[0].parameters(), lr=0.1))
+        spider(model, torch.optim.SGD([model[0].weight], lr=0.1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_memory_is_eight_bytes_per_covered_entry(dtype):
     model = _model(7, dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with spider(model, opt) as sp:
+    with spider(model, opt, include_1d=False) as sp:
         assert sp.memory_bytes() == 8 * (6 * 8 + 8 * 3)
         assert all(t.dtype == torch.float32 for t in [*sp.w0.values(), *sp.grad_sum.values()])
         w0 = {n: p.detach().clone() for n, p in sp.params.items()}
@@ -242,6 +345,8 @@ def test_memory_is_eight_bytes_per_covered_entry(dtype):
             assert torch.equal(p.detach()[reverted], w0[n][reverted])
     with spider(model, opt, names=["0.weight"]) as sp:
         assert sp.memory_bytes() == 8 * 6 * 8
+    with spider(model, opt) as sp:  # the default adds the biases
+        assert sp.memory_bytes() == 8 * (6 * 8 + 8 * 3 + 8 + 3)
 
 
 def test_state_dict_resumes_the_same_trajectory():
