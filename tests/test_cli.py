@@ -182,6 +182,20 @@ def test_user_errors(checkpoint_dirs, tmp_path, capsys):
         capsys,
         "last_layers",
     )
+    user_error(
+        [
+            "mask",
+            scores_path,
+            "--model",
+            llama,
+            "--out",
+            tmp_path / "x.safetensors",
+            "--device",
+            "nodevice",
+        ],
+        capsys,
+        "cannot move the model",
+    )
     assert not (tmp_path / "x.safetensors").exists()
     assert (scores_path.read_bytes(), mask_path.read_bytes()) == before
 

@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--last-layers", type=_positive, default=None, help="only the last N decoder layers"
     )
     m.add_argument(
+        "--device",
+        default="cpu",
+        help="where scores are formed and ranked: cpu (default) or cuda (faster for 7B models)",
+    )
+    m.add_argument(
         "--scope",
         choices=["tensor", "row", "layer", "global"],
         default="tensor",
@@ -379,7 +384,9 @@ def _cmd_mask(args: argparse.Namespace) -> None:
 
     out = check_writable(args.out, overwrite=args.overwrite)
     scores = Scores.load(args.scores)
-    model, _, _ = load_model(args.model, dtype="auto", trust_remote_code=args.trust_remote_code)
+    model, _, _ = load_model(
+        args.model, device=args.device, dtype="auto", trust_remote_code=args.trust_remote_code
+    )
     mask = build_mask(
         model,
         scores,
