@@ -342,40 +342,11 @@ def test_bad_data_is_caught_before_training(setup, checkpoint_dirs, tmp_path, ca
     user_error([*argv, "--data", data], capsys, "cannot read image")
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "word " * 200, "answer": "a"}) + "\n")
-    user_error(
-        [
-            "train",
-            checkpoint_dirs["llama"],
-            "--mask",
-            masks["llama"],
-            "--out",
-            out,
-            "--quiet",
-            "--data",
-            long,
-            "--max-length",
-            "64",
-        ],
-        capsys,
-        "max-length",
-    )
+    llama = ["train", checkpoint_dirs["llama"], "--mask", masks["llama"], "--out", out, "--quiet"]
+    user_error([*llama, "--data", long, "--max-length", "64"], capsys, "max-length")
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes('{"prompt": "caf\xe9", "answer": "x"}'.encode("latin-1"))
-    user_error(
-        [
-            "train",
-            checkpoint_dirs["llama"],
-            "--mask",
-            masks["llama"],
-            "--out",
-            out,
-            "--quiet",
-            "--data",
-            latin,
-        ],
-        capsys,
-        "not UTF-8",
-    )
+    user_error([*llama, "--data", latin], capsys, "not UTF-8")
     assert not out.exists()  # nothing was started
 
 
