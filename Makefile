@@ -7,19 +7,29 @@ TORCH := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint format bench clean
+# Real data for the forgetting benchmark (Debian packages; see ../shared/OFFLINE.md in the docs).
+DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/wordnet/data.noun
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test lint format bench data clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,bench]"
 	touch $@
 
-demo: $(BIN)/.installed
+$(DATA):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq dataset-fashion-mnist wordnet-base
+
+data: $(DATA)
+
+demo: $(BIN)/.installed $(DATA)
 	$(BIN)/dowser demo --out demo-out --overwrite
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed $(DATA)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/pytest
@@ -28,8 +38,9 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check --fix src tests bench
 	$(BIN)/ruff format src tests bench
 
-bench: $(BIN)/.installed
+bench: $(BIN)/.installed $(DATA)
 	$(BIN)/python bench/probe.py
+	$(BIN)/dowser bench forgetting --out bench/results/forgetting --resume
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -243,18 +243,6 @@ def test_console_script_and_module_entry_points(tmp_path):
     assert res.stderr.strip() == f"dowser inspect: error: {tmp_path / 'nope'} does not exist"
 
 
-def test_demo(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert run(["demo", "--out", out, "--quiet"], capsys)[0] == 0
-    assert {p.name for p in out.iterdir()} >= {
-        "model",
-        "scores.safetensors",
-        "mask.safetensors",
-        "summary.json",
-    }
-    user_error(["demo", "--out", out, "--quiet"], capsys, "not empty")
-
-
 def test_corrupt_metadata_is_a_clear_error(checkpoint_dirs, tmp_path, capsys):
     import json as _json
 

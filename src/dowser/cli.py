@@ -5,7 +5,8 @@
     dowser train MODEL_DIR --mask mask.safetensors --data train.jsonl --out OUT_DIR
     dowser apply-delta BASE_DIR OUT_DIR/delta.safetensors --out MERGED_DIR
     dowser inspect FILE                                  # what a scores or mask file holds
-    dowser demo --out DIR                                # the whole thing on a built-in model
+    dowser demo --out DIR                                # forgetting demo on a built-in VLM
+    dowser bench forgetting --out DIR [--quick]          # the full forgetting benchmark
 
 User errors print one line and exit with status 2; existing files are never replaced unless
 --overwrite is given, and outputs are written atomically.
@@ -325,13 +326,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="build a small LLaVA-architecture model, probe it, mask it",
-        description="Run the pipeline on a small model built locally (no download).",
+        help="pretrain a small LLaVA, fine-tune it four ways, measure forgetting",
+        description=(
+            "The forgetting benchmark's demo preset: pretrain (or load from the cache) a small "
+            "LLaVA on Fashion-MNIST and WordNet, fine-tune it on sklearn digits with full-ft, "
+            "lora, random-mask, dowser and grafting, and report A_up, A_down and H."
+        ),
     )
     d.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
-    d.add_argument("--overwrite", action="store_true", help="replace files in --out")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    _bench_options(d)
     d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks", description="Run a benchmark.")
+    bsub = b.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    f = bsub.add_parser(
+        "forgetting",
+        help="every method over learning-rate, depth and ratio sweeps",
+        description=(
+            "Pretrain the built-in LLaVA (cached), fine-tune it with every method through one "
+            "training loop, and write results.json, results.md and PNG plots to --out. "
+            "Finished runs are kept in OUT/runs.jsonl; --resume continues an interrupted run."
+        ),
+    )
+    f.add_argument("--out", default="forgetting-out", help="output directory")
+    size = f.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_true", help="one downstream task, short sweeps (minutes)"
+    )
+    size.add_argument(
+        "--preset", choices=("demo", "quick", "full"), default=None, help="default: full"
+    )
+    f.add_argument("--resume", action="store_true", help="keep the runs already in --out")
+    _bench_options(f)
+    f.set_defaults(func=_cmd_bench_forgetting)
     return parser
 
 
@@ -464,10 +491,34 @@ def describe_file(path: str | Path) -> str:
     raise DowserError(f"{path} holds {kind!r} data, which dowser cannot describe")
 
 
+def _bench_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="replace the results in --out")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="where the pretrained model is kept (default: $DOWSER_CACHE or ~/.cache/dowser)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from dowser.demo import run_demo
 
-    run_demo(Path(args.out), overwrite=args.overwrite, progress=not args.quiet)
+    run_demo(Path(args.out), overwrite=args.overwrite, cache=args.cache, progress=not args.quiet)
+
+
+def _cmd_bench_forgetting(args: argparse.Namespace) -> None:
+    from dowser.demo import run_preset
+
+    preset = "quick" if args.quick else (args.preset or "full")
+    run_preset(
+        preset,
+        Path(args.out),
+        overwrite=args.overwrite,
+        resume=args.resume,
+        cache=args.cache,
+        progress=not args.quiet,
+    )
 
 
 def _silence_progress_bars() -> None:

@@ -1,67 +1,111 @@
-"""`dowser demo`: the pipeline end to end on a small LLaVA-architecture model built here.
+"""`dowser demo` and `dowser bench forgetting`: the forgetting benchmark from the command line.
 
-Until the forgetting benchmark exists, the demo shows the probing and masking stages: it
-builds a randomly initialised LLaVA (CLIP-style vision tower + Llama decoder) with its
-processor, saves it as a Hugging Face checkpoint, loads it back with from_pretrained, probes it
-at the reference settings with noise images, and builds the reference mask (10 % of each
-attention and MLP matrix trainable).
+The demo is the benchmark's "demo" preset: pretrain (first run only; then from the cache) the
+built-in LLaVA on Fashion-MNIST and WordNet, probe it without data, fine-tune it on sklearn
+digits with full-ft, lora, random-mask, dowser and grafting (one learning rate each), and print
+A_up, A_down and H for each. It also leaves the Dowser scores and mask of the pretrained model
+in the output directory, the files a user's own run would produce.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 from dowser.errors import DowserError
 
-DEMO_ARCH = "llava"
-DEMO_LAYERS = 4  # decoder layers (so "last N layers" means something)
-DEMO_WIDTH = 128  # decoder hidden size
+DEMO_MASK_RATIO = 0.1  # the reference update ratio
 
 
-def run_demo(out: Path, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Build, probe and mask the demo model; write everything under `out`; return a summary."""
+def _check_missing_packages() -> None:
+    missing = []
+    for module, package in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise DowserError(
+            f"the forgetting benchmark needs {', '.join(missing)}: "
+            "pip install 'model-dowser[bench]'"
+        )
+
+
+def _prepare_out(out: Path, *, overwrite: bool, resume: bool, can_resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DowserError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
+        raise DowserError(
+            f"{out} is not empty; pass --overwrite to replace its results"
+            + (" or --resume to continue them" if can_resume else "")
+        )
+    if out.exists() and overwrite and not resume:
+        for name in ("runs.jsonl", "results.json", "results.md"):
+            (out / name).unlink(missing_ok=True)
+        for png in out.glob("*.png"):
+            png.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_preset(
+    preset: str,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run the forgetting benchmark's `preset` into `out`; print and return the results."""
+    from dowser.forgetting.bench import PRESETS, run_benchmark
+    from dowser.forgetting.report import markdown
+
+    _check_missing_packages()
+    out = Path(out)
+    _prepare_out(out, overwrite=overwrite, resume=resume, can_resume=preset != "demo")
+    result = run_benchmark(
+        PRESETS[preset],
+        out,
+        resume=resume,
+        cache=Path(cache) if cache else None,
+        progress=progress,
+    )
+    print()
+    print(markdown(result))
+    print(
+        f"wrote {out}/results.json, {out}/results.md and {', '.join(result['plots'])} "
+        f"in {result['seconds']:.0f} s"
+    )
+    return result
+
+
+def run_demo(
+    out: Path,
+    *,
+    overwrite: bool = False,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """The demo preset into `out`, plus the pretrained model's Dowser scores and mask."""
+    out = Path(out)
+    result = run_preset("demo", out, overwrite=overwrite, cache=cache, progress=progress)
+    _save_dowser_artifacts(result, out, progress=progress)
+    return result
+
+
+def _save_dowser_artifacts(result: dict, out: Path, *, progress: bool) -> None:
+    """Probe the cached pretrained model again (seconds) and save its scores and mask."""
     from dowser.hf import load_model
     from dowser.mask import build_mask
     from dowser.probing import probe
-    from dowser.tiny import build_checkpoint
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DowserError(f"{out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DowserError(f"{out} is not empty; pass --overwrite to replace the demo files in it")
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = out / "model"
-    t0 = time.perf_counter()
-    build_checkpoint(DEMO_ARCH, model_dir, seed=0, num_layers=DEMO_LAYERS, hidden_size=DEMO_WIDTH)
+    model_dir = Path(result["pretraining"]["path"])
     model, _, processor = load_model(model_dir, device="cpu", dtype="float32")
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"built {type(model).__name__} ({n_params / 1e6:.2f}M parameters) in {model_dir}")
-
-    t1 = time.perf_counter()
     scores = probe(model, processor=processor, images="noise", progress=progress)
     scores.save(out / "scores.safetensors", overwrite=True)
-    t2 = time.perf_counter()
-    print(
-        f"probed {len(scores)} weights in {t2 - t1:.1f} s "
-        f"({scores.meta['num_samples']} self-generated samples with noise images, "
-        f"{scores.meta['num_probes']} probes per batch, estimator {scores.meta['estimator']})"
-    )
-    mask = build_mask(model, scores, update_ratio=0.1, last_layers=DEMO_LAYERS)
+    mask = build_mask(model, scores, update_ratio=DEMO_MASK_RATIO)
     mask.save(out / "mask.safetensors", overwrite=True)
     print(mask.summary())
-    summary = {
-        "model": type(model).__name__,
-        "parameters": n_params,
-        "weights_scored": len(scores),
-        "weights_masked": len(mask),
-        "trainable": mask.num_trainable(),
-        "masked_entries": mask.numel(),
-        "probe_seconds": round(t2 - t1, 2),
-        "total_seconds": round(time.perf_counter() - t0, 2),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {out}/scores.safetensors, {out}/mask.safetensors and {out}/summary.json")
-    return summary
+    print(
+        f"wrote {out}/scores.safetensors and {out}/mask.safetensors (the pretrained model is "
+        f"in {model_dir})"
+    )

@@ -18,7 +18,7 @@ text to put in a prompt for one image (the processor expands it into the image t
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -131,14 +131,15 @@ def build_tokenizer(
     image_token: str | None = None,
     bos: bool = True,
     extra_special_tokens: Sequence[str] = (),
+    corpus: Iterable[str] | None = None,
 ) -> PreTrainedTokenizerFast:
-    """Train a small byte-level BPE tokenizer on the built-in corpus.
+    """Train a small byte-level BPE tokenizer on `corpus` (texts; default the built-in one).
 
     Special tokens: unk "<unk>", bos "<s>" (only if `bos`, and then prepended to every encoded
     text), eos "</s>", pad "<pad>", and as additional special tokens `image_token` (also exposed as
     `tokenizer.image_token`) and `extra_special_tokens`. They have the lowest ids and are never
     split. Padding is on the left, as batched generation needs. `len(tokenizer) == vocab_size` up
-    to about 950, all the corpus allows. The same arguments always give the same tokenizer.
+    to about 950 with the built-in corpus, all it allows. The same arguments always give the same tokenizer.
     """
     specials = ["<unk>"] + (["<s>"] if bos else []) + ["</s>", "<pad>"]
     specials += ([image_token] if image_token else []) + list(extra_special_tokens)
@@ -162,7 +163,7 @@ def build_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_CORPUS.split("\n\n"), trainer)
+    backend.train_from_iterator(corpus or _CORPUS.split("\n\n"), trainer)
 
     # A named `image_token` becomes an attribute of the tokenizer, which the processors look for.
     named = {"image_token": image_token} if image_token else {}
@@ -278,12 +279,12 @@ def _text_config(tok, vocab_size: int, hidden_size: int, num_layers: int) -> dic
     )
 
 
-def _vit_config(**extra) -> dict:
+def _vit_config(vision: dict, **extra) -> dict:
     """A ViT over 8x8 patches of 32x32 images, for the CLIP, SigLIP and Idefics3 vision towers."""
     return dict(
-        hidden_size=VISION_WIDTH,
-        intermediate_size=2 * VISION_WIDTH,
-        num_hidden_layers=VISION_LAYERS,
+        hidden_size=vision["width"],
+        intermediate_size=2 * vision["width"],
+        num_hidden_layers=vision["layers"],
         num_attention_heads=2,
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
@@ -291,9 +292,11 @@ def _vit_config(**extra) -> dict:
     )
 
 
-def _llava_config(tok, text: dict) -> LlavaConfig:
+def _llava_config(tok, text: dict, vision: dict) -> LlavaConfig:
     return LlavaConfig(
-        vision_config=_vit_config(model_type="clip_vision_model", projection_dim=VISION_WIDTH),
+        vision_config=_vit_config(
+            vision, model_type="clip_vision_model", projection_dim=vision["width"]
+        ),
         text_config={"model_type": "llama", **text},
         image_token_index=tok.image_token_id,
         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
@@ -302,7 +305,7 @@ def _llava_config(tok, text: dict) -> LlavaConfig:
     )
 
 
-def _qwen2_vl_config(tok, text: dict) -> Qwen2VLConfig:
+def _qwen2_vl_config(tok, text: dict, vision_size: dict) -> Qwen2VLConfig:
     # M-RoPE splits each head's rotary frequencies between time, height and width; the three
     # sections must add up to head_dim / 2. Same 1/4, 3/8, 3/8 split as the real models.
     half = text["head_dim"] // 2
@@ -310,8 +313,8 @@ def _qwen2_vl_config(tok, text: dict) -> Qwen2VLConfig:
     h = (half - t) // 2
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [t, h, half - t - h]}
     vision = dict(
-        depth=VISION_LAYERS,
-        embed_dim=VISION_WIDTH,
+        depth=vision_size["layers"],
+        embed_dim=vision_size["width"],
         hidden_size=text["hidden_size"],  # output width of the patch merger
         num_heads=2,
         mlp_ratio=2,
@@ -329,9 +332,9 @@ def _qwen2_vl_config(tok, text: dict) -> Qwen2VLConfig:
     )
 
 
-def _idefics3_config(tok, text: dict) -> Idefics3Config:
+def _idefics3_config(tok, text: dict, vision: dict) -> Idefics3Config:
     return Idefics3Config(
-        vision_config=_vit_config(),
+        vision_config=_vit_config(vision),
         text_config={"model_type": "llama", **text},
         scale_factor=2,
         image_token_id=tok.image_token_id,
@@ -339,9 +342,9 @@ def _idefics3_config(tok, text: dict) -> Idefics3Config:
     )
 
 
-def _paligemma_config(tok, text: dict) -> PaliGemmaConfig:
+def _paligemma_config(tok, text: dict, vision: dict) -> PaliGemmaConfig:
     return PaliGemmaConfig(
-        vision_config=_vit_config(model_type="siglip_vision_model", vision_use_head=False),
+        vision_config=_vit_config(vision, model_type="siglip_vision_model", vision_use_head=False),
         text_config={"model_type": "gemma", **text},
         image_token_index=tok.image_token_id,
         vocab_size=text["vocab_size"],
@@ -351,8 +354,8 @@ def _paligemma_config(tok, text: dict) -> PaliGemmaConfig:
 
 
 _CONFIGS = {
-    "llama": lambda tok, text: LlamaConfig(**text),
-    "qwen2": lambda tok, text: Qwen2Config(**text),
+    "llama": lambda tok, text, vision: LlamaConfig(**text),
+    "qwen2": lambda tok, text, vision: Qwen2Config(**text),
     "llava": _llava_config,
     "qwen2_vl": _qwen2_vl_config,
     "idefics3": _idefics3_config,
@@ -370,12 +373,18 @@ def build_model(
     num_layers: int = 2,
     hidden_size: int = 64,
     vocab_size: int | None = None,
+    tokenizer_vocab: int = 512,
+    corpus: Iterable[str] | None = None,
+    vision_width: int = VISION_WIDTH,
+    vision_layers: int = VISION_LAYERS,
 ) -> tuple[torch.nn.Module, object]:
     """Build a tiny, randomly initialised model of architecture `arch` (one of `ARCHS`).
 
     Returns `(model, processor)` for the vision-language models and `(model, tokenizer)` for the
     text ones, with the model in eval mode. The language decoder has `num_layers` layers of width
-    `hidden_size` (a multiple of 8); the vision towers have 2 layers of width 32. `vocab_size`,
+    `hidden_size` (a multiple of 8); the vision towers have `vision_layers` layers of width
+    `vision_width`. The tokenizer is a BPE of `tokenizer_vocab` entries trained on `corpus`
+    (default: the built-in paragraphs; see `build_tokenizer`). `vocab_size`,
     the model's vocabulary size, defaults to `len(tokenizer)` and may be larger (padded
     embeddings). The same `seed` gives bit-identical weights; the global RNG state is untouched.
     """
@@ -387,13 +396,16 @@ def build_model(
         image_token=_IMAGE_TOKEN.get(arch),
         bos=arch not in _NO_BOS,
         extra_special_tokens=_EXTRA_SPECIAL_TOKENS.get(arch, ()),
+        vocab_size=tokenizer_vocab,
+        corpus=corpus,
     )
     processor = _PROCESSORS[arch](tok) if arch in _PROCESSORS else tok
     if vocab_size is None:
         vocab_size = len(tok)  # measured after the processor, which may have added tokens
     elif vocab_size < len(tok):
         raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tok)})")
-    config = _CONFIGS[arch](tok, _text_config(tok, vocab_size, hidden_size, num_layers))
+    text = _text_config(tok, vocab_size, hidden_size, num_layers)
+    config = _CONFIGS[arch](tok, text, {"width": vision_width, "layers": vision_layers})
 
     auto = AutoModelForCausalLM if arch in TEXT_ARCHS else AutoModelForImageTextToText
     with torch.random.fork_rng(devices=[]):

@@ -51,28 +51,36 @@ def candidate_logprobs(
     try:
         for start in range(0, len(data), batch_size):
             batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
-            labels = batch.pop("labels").to(device)
             batch = {k: v.to(device) for k, v in batch.items()}
             dtype = next(model.parameters()).dtype
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            logits = model(**batch).logits
-            # position t predicts token t + 1; only answer positions are normalised (the
-            # prompt and image positions would cost a (B, T, V) float32 tensor)
-            target = labels[:, 1:]
-            keep = target != IGNORE
-            rows = logits[:, :-1][keep].float()  # (answer tokens in batch, V)
-            picked = rows.gather(1, target[keep][:, None]).squeeze(1) - rows.logsumexp(1)
-            per_row = keep.sum(1)
-            total = torch.zeros(len(target), device=picked.device).index_add_(
-                0, keep.nonzero()[:, 0], picked
-            )
+            total = answer_logprobs(model, batch)
+            per_row = (batch["labels"][:, 1:] != IGNORE).sum(1)
             if normalize == "mean":
                 total = total / per_row.clamp_min(1)
             scores.append(total.cpu())
     finally:
         model.train(was_training)
     return torch.cat(scores).view(len(examples), len(candidates))
+
+
+@torch.no_grad()
+def answer_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,) sum of log p(token) over each row's answer tokens (those whose label is not -100).
+
+    `batch` holds the model inputs and `labels` (B, T), aligned with `input_ids`.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    # position t predicts token t + 1; only answer positions are normalised (the prompt and
+    # image positions would cost a (B, T, V) float32 tensor)
+    target = batch["labels"][:, 1:]
+    keep = target != IGNORE
+    rows = logits[:, :-1][keep].float()  # (answer tokens in batch, V)
+    picked = rows.gather(1, target[keep][:, None]).squeeze(1) - rows.logsumexp(1)
+    total = torch.zeros(len(target), device=picked.device)
+    return total.index_add_(0, keep.nonzero()[:, 0], picked)
 
 
 def candidate_accuracy(

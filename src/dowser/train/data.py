@@ -37,7 +37,7 @@ class Example:
     """One training record: an optional image and (user, assistant) turns."""
 
     turns: list[tuple[str, str]]
-    image: Path | None = None
+    image: Path | Any = None  # a file, a PIL image, or None for a text-only record
     where: str = ""  # "file:line" for error messages
 
 
@@ -271,6 +271,9 @@ class SupervisedDataset(Dataset):
 
 def _load_image(path: Path):
     from PIL import Image
+
+    if isinstance(path, Image.Image):  # an image already in memory
+        return path.convert("RGB")
 
     try:
         with Image.open(path) as im:

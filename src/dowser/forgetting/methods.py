@@ -1,0 +1,245 @@
+"""Every method of the benchmark, as a way to turn the pretrained model into a fine-tuned one.
+
+All train through `dowser.forgetting.train.train_loop` with the same steps, batches and
+learning rate, on the same decoder matrices (q/k/v/o/gate/up/down of the last N layers):
+
+    zero-shot       no fine-tuning
+    full-ft         every entry of those matrices, plus the norms of those layers
+    lora            PEFT LoRA on those matrices, rank chosen so that it trains about the
+                    update ratio's share of their entries (r = rho * sum(m n) / sum(m + n))
+    random-mask     rho of each matrix trainable, chosen at random   (norms dense, as dowser)
+    magnitude-mask  the rho smallest-|W| entries trainable
+    wanda-mask      the rho smallest |W| * ||h|| entries, h from the downstream training data
+    dowser          the rho lowest Dowser scores (probed without data, mean-abs estimator)
+    dowser-rms      the same with the paper's root-mean-square estimator
+    dowser-data     (analysis only) dowser probed on the pretraining data instead of
+                    self-generated inputs: what the synthetic probe costs
+    spider          full-ft with SPIDER's per-step interpolation back towards W0
+    model-tailor    full-ft, then keep rho of each matrix's entries by Model Tailor's
+                    score, revert the rest, with OBS compensation from the task inputs
+    dare            full-ft, then drop each change with probability 1 - rho, rescale survivors
+    grafting        full-ft, then keep the rho largest |changes| of each matrix
+
+The three merges post-process the full-ft model of the same setting, so their update ratio
+is the same rho of each matrix the masks use.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dowser.baselines.masks import magnitude_scores, random_scores, wanda_scores
+from dowser.baselines.merging import InputCovariance, dare, graft, model_tailor
+from dowser.baselines.spider import spider
+from dowser.forgetting.encode import Encoded
+from dowser.forgetting.train import train_loop
+from dowser.mask import Mask, build_mask
+from dowser.scores import Scores
+from dowser.train.masking import mask_gradients, prepare_model
+
+METHODS: tuple[str, ...] = (
+    "zero-shot",
+    "full-ft",
+    "lora",
+    "random-mask",
+    "magnitude-mask",
+    "wanda-mask",
+    "dowser",
+    "dowser-rms",
+    "spider",
+    "model-tailor",
+    "dare",
+    "grafting",
+)
+MASKED = ("random-mask", "magnitude-mask", "wanda-mask", "dowser", "dowser-rms", "dowser-data")
+MERGED = ("model-tailor", "dare", "grafting")
+ANALYSIS = ("dowser-data",)  # rows for finding out why, not among the compared methods
+ESTIMATOR = {"dowser": "mean-abs", "dowser-rms": "rms", "dowser-data": "mean-abs"}
+# learning-rate grid factor: a masked step changes rho = 0.1 of the entries (bench doc)
+LR_SCALE = {m: 10.0 for m in MASKED} | {"lora": 3.0}
+TAILOR_EXAMPLES = 512  # downstream training examples for Model Tailor's input covariance
+WANDA_EXAMPLES = 512  # downstream training examples for Wanda's input norms
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One fine-tuning run's knobs."""
+
+    lr: float  # peak learning rate
+    last_layers: int  # tune the last N decoder layers
+    update_ratio: float  # rho, the fraction of each matrix that may change
+    seed: int  # data order, random masks, LoRA init, DARE's drops
+    steps: int  # optimizer steps
+    batch_size: int  # examples per step
+
+
+class ScoreBank:
+    """Importance scores of the pretrained model, computed once and reused by every run.
+
+    Dowser's scores are probed without data (self-generated text, noise images); Wanda's
+    need the downstream task's inputs, so they are kept per task.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        processor,
+        *,
+        probe_kwargs: dict | None = None,
+        pretraining: Encoded | None = None,
+    ):
+        self.base, self.processor = base, processor
+        self.probe_kwargs = probe_kwargs or {}
+        self.pretraining = pretraining  # data for dowser-data
+        self._cache: dict[tuple, Scores] = {}
+
+    def get(self, method: str, *, seed: int, task: str, data: Encoded) -> Scores:
+        key = {"random-mask": (method, seed), "wanda-mask": (method, task)}.get(method, (method,))
+        if key not in self._cache:
+            self._cache[key] = self._compute(method, seed, data)
+        return self._cache[key]
+
+    def _compute(self, method: str, seed: int, data: Encoded) -> Scores:
+        if method == "random-mask":
+            return random_scores(self.base, seed=seed)
+        if method == "magnitude-mask":
+            return magnitude_scores(self.base)
+        if method == "wanda-mask":
+            return wanda_scores(self.base, _input_batches(data, WANDA_EXAMPLES))
+        from dowser.probing import probe
+
+        kwargs = {"images": "noise", "progress": False, **self.probe_kwargs}
+        if method == "dowser-data":
+            # as many sequences as the synthetic probe uses, drawn from the pretraining mix
+            n = kwargs.get("num_samples", 64)
+            rows = torch.randperm(len(self.pretraining), generator=torch.Generator().manual_seed(0))
+            batch = kwargs.get("batch_size", 4)
+            kwargs = {k: v for k, v in kwargs.items() if k in ("num_probes", "progress", "seed")}
+            kwargs["batches"] = [
+                {
+                    k: v
+                    for k, v in self.pretraining.batch(rows[i : i + batch]).items()
+                    if k != "labels"
+                }
+                for i in range(0, n, batch)
+            ]
+        return probe(self.base, processor=self.processor, estimator=ESTIMATOR[method], **kwargs)
+
+
+def tuned_mask(model: nn.Module, setting: Setting, scores: Scores | None = None) -> Mask:
+    """The mask over the tuned matrices: all-trainable without `scores`."""
+    if scores is None:
+        return build_mask(
+            model, magnitude_scores(model), update_ratio=1.0, last_layers=setting.last_layers
+        )
+    return build_mask(
+        model, scores, update_ratio=setting.update_ratio, last_layers=setting.last_layers
+    )
+
+
+def lora_rank(mask: Mask, update_ratio: float) -> int:
+    """Rank whose adapters hold about `update_ratio` of the masked matrices' entries."""
+    entries = sum(m.numel() for m in mask.values())
+    per_rank = sum(sum(m.shape) for m in mask.values())
+    return max(1, round(update_ratio * entries / per_rank))
+
+
+def fine_tune(
+    method: str,
+    base: nn.Module,
+    data: Encoded,
+    setting: Setting,
+    *,
+    bank: ScoreBank,
+    task: str,
+    progress: bool = False,
+) -> tuple[nn.Module, list[float]]:
+    """A fine-tuned copy of `base` by `method` (not a merge), and its per-step losses."""
+    if method in MERGED or method == "zero-shot":
+        raise ValueError(f"{method} does not train; see `merge`")
+    model = copy.deepcopy(base)
+    full = tuned_mask(model, setting)
+    attach: Callable | None = None
+    if method == "lora":
+        from peft import get_peft_model
+
+        from dowser.baselines.lora import lora_config
+
+        r = lora_rank(full, setting.update_ratio)
+        torch.manual_seed(setting.seed)  # LoRA's A matrices are drawn from the global RNG
+        config = lora_config(model, last_layers=setting.last_layers, r=r, alpha=2 * r)
+        with warnings.catch_warnings():  # peft 0.21 calls a method transformers 5.24 renamed
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")
+            model = get_peft_model(model, config)
+    elif method in MASKED:
+        scores = bank.get(method, seed=setting.seed, task=task, data=data)
+        mask = tuned_mask(model, setting, scores)
+        handle = mask_gradients(model, mask)
+        attach = handle.attach
+    else:
+        prepare_model(model, full)
+        if method == "spider":
+            attach = lambda opt: spider(model, opt)  # noqa: E731
+        elif method != "full-ft":
+            raise ValueError(f"unknown method {method!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = train_loop(
+        model,
+        params,
+        data,
+        steps=setting.steps,
+        batch_size=setting.batch_size,
+        lr=setting.lr,
+        seed=setting.seed,
+        attach=attach,
+        desc=method,
+        progress=progress,
+    )
+    if method == "lora":
+        model = model.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), losses
+
+
+@torch.no_grad()
+def merge(
+    method: str, base: nn.Module, tuned: nn.Module, data: Encoded, setting: Setting
+) -> nn.Module:
+    """`tuned` (full-ft of the same setting) post-processed by a merging method."""
+    names = list(tuned_mask(base, setting))
+    before = base.state_dict()
+    after = tuned.state_dict()
+    rho = setting.update_ratio
+    if method == "dare":
+        merged = dare(before, after, drop=1 - rho, names=names, seed=setting.seed)
+    elif method == "grafting":
+        merged = graft(before, after, keep=rho, names=names)
+    elif method == "model-tailor":
+        modules = [n.removesuffix(".weight") for n in names]
+        with InputCovariance(tuned, modules) as cov:
+            for batch in _input_batches(data, TAILOR_EXAMPLES):
+                cov.attention_mask = batch["attention_mask"]
+                tuned(**batch)
+            hessians = cov.hessians()
+        merged = model_tailor(before, after, hessians, keep=rho, names=names)
+    else:
+        raise ValueError(f"unknown merge {method!r}")
+    model = copy.deepcopy(tuned)
+    model.load_state_dict(merged, strict=False)
+    return model.eval()
+
+
+def _input_batches(data: Encoded, n: int, size: int = 32):
+    """Model inputs (no labels) of the first `n` examples of `data`, `size` at a time."""
+    n = min(n, len(data))
+    for i in range(0, n, size):
+        batch = data.batch(range(i, min(i + size, n)))
+        batch.pop("labels")
+        yield batch

@@ -1,0 +1,258 @@
+"""Turn benchmark runs into numbers people can read: results.json, results.md, PNG plots.
+
+Per downstream task and method:
+  frontier   the (A_down, A_up) point of each learning rate, mean over seeds
+  best       the learning rate with the best mean H, and its A_up, A_down, H (+- standard
+             error over seeds)
+  matched    A_up interpolated along the frontier at a common downstream level: 90 % of the
+             best A_down full-ft reaches (None where a method's frontier does not span it)
+  depth      the best H over the learning rates at each depth (last N decoder layers)
+  ratio      the best H over the learning rates at each update ratio
+The top-level "methods" list averages each method's best point over the downstream tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from dowser.eval.metrics import mean_stderr, upstream_at
+
+MATCH_LEVEL = 0.9  # matched comparison at this fraction of full-ft's best A_down
+
+
+def _stats(values: list[float]) -> dict:
+    mean, se = mean_stderr(values)
+    return {"mean": mean, "se": se, "n": len(values)}
+
+
+def summarize(records: list[dict], config) -> dict:
+    """Aggregate run records into per-task and overall tables (module doc)."""
+    tasks: dict[str, dict] = {}
+    for task in dict.fromkeys(r["task"] for r in records):
+        rows = [r for r in records if r["task"] == task]
+        order = list(dict.fromkeys([*config.methods, *config.depth_methods, *config.ratio_methods]))
+        methods = sorted(
+            dict.fromkeys(r["method"] for r in rows),
+            key=lambda m: order.index(m) if m in order else len(order),
+        )
+        frontier = {m: _by(rows, m, "frontier", "lr") for m in methods}
+        full = frontier.get("full-ft")
+        level = MATCH_LEVEL * max(p["a_down"]["mean"] for p in full.values()) if full else None
+        table = {}
+        for m in methods:
+            pts = frontier[m]
+            if not pts:
+                continue
+            lr = max(pts, key=lambda k: pts[k]["h_score"]["mean"])
+            curve = [(p["a_down"]["mean"], p["a_up"]["mean"]) for p in pts.values()]
+            table[m] = {
+                "best_lr": lr,
+                **{k: pts[lr][k] for k in ("a_up", "a_down", "h_score")},
+                "a_up_matched": None if level is None else upstream_at(curve, level),
+                "frontier": [{"lr": k, **v} for k, v in sorted(pts.items())],
+                "depth": _sweep(rows, m, "depth", "last_layers", config.last_layers, pts),
+                "ratio": _sweep(rows, m, "ratio", "update_ratio", config.update_ratio, pts),
+            }
+        tasks[task] = {"matched_level": level, "methods": table}
+    overall = []
+    for m in dict.fromkeys(m for t in tasks.values() for m in t["methods"]):
+        per = [t["methods"][m] for t in tasks.values() if m in t["methods"]]
+        matched = [p["a_up_matched"] for p in per]
+        overall.append(
+            {
+                "name": m,
+                "a_up": float(np.mean([p["a_up"]["mean"] for p in per])),
+                "a_down": float(np.mean([p["a_down"]["mean"] for p in per])),
+                "h_score": float(np.mean([p["h_score"]["mean"] for p in per])),
+                "h_score_se": float(
+                    np.sqrt(np.sum([p["h_score"]["se"] ** 2 for p in per])) / len(per)
+                ),
+                "a_up_matched": None if None in matched else float(np.mean(matched)),
+                "best_lr": {
+                    t: tasks[t]["methods"][m]["best_lr"] for t in tasks if m in tasks[t]["methods"]
+                },
+            }
+        )
+    return {"methods": overall, "tasks": tasks}
+
+
+def _by(rows, method, phase, key) -> dict:
+    """{value of `key`: stats of a_up, a_down, h_score over seeds} for one method and phase."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r["method"] == method and r["phase"] == phase:
+            groups[r[key]].append(r)
+    return {
+        k: {m: _stats([r[m] for r in g]) for m in ("a_up", "a_down", "h_score")}
+        for k, g in groups.items()
+    }
+
+
+def _sweep(rows, method, phase, key, default, frontier) -> list[dict]:
+    """Per swept value, the best seed-mean H over the learning rates, with its point and lr;
+    the default value's point is the frontier's best."""
+    groups = defaultdict(list)
+    for r in rows:
+        if r["method"] == method and r["phase"] == phase:
+            groups[r[key]].append(r)
+    if not groups:
+        return []
+    points = {}
+    for value, group in groups.items():
+        by_lr = _by(group, method, phase, "lr")
+        lr = max(by_lr, key=lambda k: by_lr[k]["h_score"]["mean"])
+        points[value] = {"lr": lr, **by_lr[lr]}
+    lr = max(frontier, key=lambda k: frontier[k]["h_score"]["mean"])
+    points.setdefault(default, {"lr": lr, **frontier[lr]})
+    return [{key: k, **v} for k, v in sorted(points.items())]
+
+
+def markdown(result: dict) -> str:
+    """The Markdown report: an overall table, then per task the frontier summary and sweeps."""
+    lines = ["| method | A_up | A_down | H | A_up at matched A_down |", "|---|---|---|---|---|"]
+    for m in result["methods"]:
+        matched = "–" if m["a_up_matched"] is None else f"{m['a_up_matched']:.3f}"
+        lines.append(
+            f"| {m['name']} | {m['a_up']:.3f} | {m['a_down']:.3f} | "
+            f"{m['h_score']:.3f} ± {m['h_score_se']:.3f} | {matched} |"
+        )
+    for task, t in result["tasks"].items():
+        level = "–" if t["matched_level"] is None else f"{t['matched_level']:.3f}"
+        lines += [
+            "",
+            f"### downstream: {task}",
+            "",
+            f"Best learning rate of each method's sweep (mean ± standard error over seeds); "
+            f"matched: A_up interpolated at A_down = {level} (90 % of full-ft's best).",
+            "",
+            "| method | best lr | A_up | A_down | H | A_up at matched |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, m in t["methods"].items():
+            matched = "–" if m["a_up_matched"] is None else f"{m['a_up_matched']:.3f}"
+            lines.append(
+                f"| {name} | {m['best_lr']:g} | {_pm(m['a_up'])} | {_pm(m['a_down'])} | "
+                f"{_pm(m['h_score'])} | {matched} |"
+            )
+        for sweep, key, label in (("depth", "last_layers", "N"), ("ratio", "update_ratio", "rho")):
+            swept = {n: m[sweep] for n, m in t["methods"].items() if m[sweep]}
+            if not swept:
+                continue
+            values = sorted({p[key] for pts in swept.values() for p in pts})
+            lines += [
+                "",
+                f"Best H over the learning rates (and that rate), by {sweep} ({label})",
+                "",
+                "| method | " + " | ".join(f"{label}={v:g}" for v in values) + " |",
+                "|---|" + "---|" * len(values),
+            ]
+            for name, pts in swept.items():
+                at = {p[key]: p for p in pts}
+                cells = [
+                    f"{_pm(at[v]['h_score'])} ({at[v]['lr']:g})" if v in at else "–" for v in values
+                ]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pm(s: dict) -> str:
+    return f"{s['mean']:.3f} ± {s['se']:.3f}" if s["n"] > 1 else f"{s['mean']:.3f}"
+
+
+def plots(result: dict, out: Path) -> list[Path]:
+    """frontier-TASK.png (A_up against A_down over the learning rates), depth-TASK.png and
+    ratio-TASK.png (H against the swept value). Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for task, t in result["tasks"].items():
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for name, m in t["methods"].items():
+            pts = sorted(m["frontier"], key=lambda p: p["a_down"]["mean"])
+            x = [p["a_down"]["mean"] for p in pts]
+            y = [p["a_up"]["mean"] for p in pts]
+            style = _style(name)
+            ax.errorbar(
+                x,
+                y,
+                xerr=[p["a_down"]["se"] for p in pts],
+                yerr=[p["a_up"]["se"] for p in pts],
+                label=name,
+                **style,
+            )
+        if t["matched_level"] is not None:
+            ax.axvline(t["matched_level"], color="grey", ls=":", lw=1)
+        ax.set(
+            xlabel="A_down (downstream accuracy)",
+            ylabel="A_up (mean upstream accuracy)",
+            title=f"Forgetting frontier, fine-tuned on {task}\n(points: learning rates)",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+        written.append(_save(fig, out / f"frontier-{task}.png"))
+        for sweep, key, xlabel in (
+            ("depth", "last_layers", "tuned decoder layers (last N)"),
+            ("ratio", "update_ratio", "update ratio rho"),
+        ):
+            swept = {n: m[sweep] for n, m in t["methods"].items() if m[sweep]}
+            if not swept:
+                continue
+            fig, ax = plt.subplots(figsize=(7, 5))
+            for name, pts in swept.items():
+                ax.errorbar(
+                    [p[key] for p in pts],
+                    [p["h_score"]["mean"] for p in pts],
+                    yerr=[p["h_score"]["se"] for p in pts],
+                    label=name,
+                    **_style(name),
+                )
+            if sweep == "ratio":
+                ax.set_xscale("log")
+            ax.set(xlabel=xlabel, ylabel="H-score", title=f"H-score by {sweep}, {task}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, ncol=2)
+            written.append(_save(fig, out / f"{sweep}-{task}.png"))
+        plt.close("all")
+    return written
+
+
+def _style(name: str) -> dict:
+    ours = name.startswith("dowser")
+    return {
+        "marker": "o" if ours else ".",
+        "lw": 2.5 if ours else 1.2,
+        "capsize": 2,
+        "ls": "-" if name != "zero-shot" else "none",
+        "ms": 8 if ours else 6,
+    }
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_report(result: dict, records: list[dict], out: Path) -> None:
+    """results.json (with every run), results.md and the plots, each written atomically."""
+    result["plots"] = [p.name for p in plots(result, out)]
+    _write_text(out / "results.json", json.dumps({**result, "runs": records}, indent=1) + "\n")
+    _write_text(out / "results.md", markdown(result))

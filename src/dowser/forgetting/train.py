@@ -1,0 +1,75 @@
+"""The one training loop every method goes through: same data order, schedule and steps.
+
+AdamW without weight decay (the reference setting), a cosine schedule with 3 % linear
+warm-up, loss on the answer tokens. What differs between methods is only which parameters the
+optimizer gets and what is attached to it (a gradient mask, SPIDER's hooks), set up by the
+caller.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dowser.forgetting.encode import Encoded
+
+WARMUP = 0.03  # fraction of the steps spent warming the learning rate up
+
+
+def train_loop(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    data: Encoded,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    attach: Callable[[torch.optim.Optimizer], object] | None = None,
+    desc: str = "fine-tuning",
+    progress: bool = True,
+) -> list[float]:
+    """Train `params` of `model` on `data` for `steps` steps; return the loss of every step.
+
+    Batches are drawn without replacement from a permutation of `data` seeded by `seed`, a
+    fresh permutation each epoch. `attach(optimizer)` runs once the optimizer exists (to hook
+    a mask or SPIDER onto it); a returned object with `remove()` is removed at the end.
+    """
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, round(WARMUP * steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    handle = attach(opt) if attach is not None else None
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=gen)
+    pos, losses = 0, []
+    model.train()
+    try:
+        for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+            if pos + batch_size > len(order):
+                order, pos = torch.randperm(len(data), generator=gen), 0
+            rows = order[pos : pos + batch_size]
+            pos += batch_size
+            batch = {k: v.to(device) for k, v in data.batch(rows).items()}
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    finally:
+        if handle is not None and hasattr(handle, "remove"):
+            handle.remove()
+        model.eval()
+    return losses
