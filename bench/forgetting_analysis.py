@@ -45,7 +45,7 @@ def budget(prep, config) -> list[dict]:
     runner = Runner(config, prep, progress=False)
     runner.prep = type(prep)(**{**prep.__dict__, "bank": bank})
     records = []
-    for run in plan(config, task, "frontier", {}):
+    for run in plan(config, task, "frontier"):
         if run["method"] == "dowser":
             rec = runner.execute(run)
             rec["num_samples"] = BUDGET

@@ -118,9 +118,10 @@ def markdown(result: dict) -> str:
     lines = ["| method | A_up | A_down | H | A_up at matched A_down |", "|---|---|---|---|---|"]
     for m in result["methods"]:
         matched = "–" if m["a_up_matched"] is None else f"{m['a_up_matched']:.3f}"
+        se = f" ± {m['h_score_se']:.3f}" if m["h_score_se"] > 0 else ""
         lines.append(
             f"| {m['name']} | {m['a_up']:.3f} | {m['a_down']:.3f} | "
-            f"{m['h_score']:.3f} ± {m['h_score_se']:.3f} | {matched} |"
+            f"{m['h_score']:.3f}{se} | {matched} |"
         )
     for task, t in result["tasks"].items():
         level = "–" if t["matched_level"] is None else f"{t['matched_level']:.3f}"
@@ -169,13 +170,14 @@ def plots(result: dict, out: Path) -> list[Path]:
     """frontier-TASK.png (A_up against A_down over the learning rates), depth-TASK.png and
     ratio-TASK.png (H against the swept value). Returns the files written."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
     for task, t in result["tasks"].items():
-        fig, ax = plt.subplots(figsize=(7, 5))
+        fig, ax = plt.subplots(figsize=(8, 6))
         for name, m in t["methods"].items():
             pts = sorted(m["frontier"], key=lambda p: p["a_down"]["mean"])
             x = [p["a_down"]["mean"] for p in pts]
@@ -206,7 +208,7 @@ def plots(result: dict, out: Path) -> list[Path]:
             swept = {n: m[sweep] for n, m in t["methods"].items() if m[sweep]}
             if not swept:
                 continue
-            fig, ax = plt.subplots(figsize=(7, 5))
+            fig, ax = plt.subplots(figsize=(8, 6))
             for name, pts in swept.items():
                 ax.errorbar(
                     [p[key] for p in pts],
@@ -217,6 +219,8 @@ def plots(result: dict, out: Path) -> list[Path]:
                 )
             if sweep == "ratio":
                 ax.set_xscale("log")
+            ax.set_xticks(sorted({p[key] for pts in swept.values() for p in pts}))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.set(xlabel=xlabel, ylabel="H-score", title=f"H-score by {sweep}, {task}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, ncol=2)
@@ -225,15 +229,35 @@ def plots(result: dict, out: Path) -> list[Path]:
     return written
 
 
+COLORS = {  # one fixed colour per method, the same in every plot
+    "zero-shot": "black",
+    "full-ft": "tab:gray",
+    "lora": "tab:olive",
+    "random-mask": "tab:red",
+    "magnitude-mask": "tab:brown",
+    "wanda-mask": "tab:pink",
+    "dowser": "tab:blue",
+    "dowser-rms": "tab:cyan",
+    "dowser-data": "navy",
+    "spider": "tab:orange",
+    "model-tailor": "tab:green",
+    "dare": "tab:purple",
+    "grafting": "gold",
+}
+
+
 def _style(name: str) -> dict:
     ours = name.startswith("dowser")
-    return {
-        "marker": "o" if ours else ".",
-        "lw": 2.5 if ours else 1.2,
+    style = {
+        "color": COLORS.get(name),
         "capsize": 2,
-        "ls": "-" if name != "zero-shot" else "none",
-        "ms": 8 if ours else 6,
+        "lw": 2.5 if ours else 1.2,
+        "marker": "o" if ours else ".",
+        "ms": 7 if ours else 6,
     }
+    if name == "zero-shot":
+        style.update(marker="*", ms=14, ls="none")
+    return style
 
 
 def _save(fig, path: Path) -> Path:
