@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dowser.forgetting.encode import Encoded, encode
 from dowser.forgetting.tasks import Task
@@ -144,8 +143,3 @@ def pretrained(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def set_threads() -> None:
-    """Use every core for intra-op work (torch's default can be fewer in containers)."""
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
