@@ -447,3 +447,37 @@ def test_cli_bench_forgetting_without_data_is_a_clear_error(tmp_path, capsys, mo
     assert code == 2
     assert err.startswith("dowser bench: error:") and "wordnet-base" in err
     assert "Traceback" not in err
+
+
+def test_bad_outputs_and_caches_are_clear_errors_that_keep_files(
+    data_env, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setitem(PRESETS, "full", TINY)
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    code, _, err = _cli(["bench", "forgetting", "--out", afile, "--quiet"], capsys)
+    assert code == 2 and "not a directory" in err and afile.read_text() == "mine"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "runs.jsonl").write_text('{"mine": 1}\n')
+    code, _, err = _cli(["bench", "forgetting", "--out", out, "--quiet"], capsys)
+    assert code == 2 and "--overwrite" in err and "--resume" in err
+    # the cache is a file: nothing in --out is touched even with --overwrite
+    code, _, err = _cli(
+        ["bench", "forgetting", "--out", out, "--cache", afile, "--overwrite", "--quiet"], capsys
+    )
+    assert code == 2 and "DOWSER_CACHE" in err and "Traceback" not in err
+    assert (out / "runs.jsonl").read_text() == '{"mine": 1}\n'
+    with pytest.raises(DowserError, match="resume it or allow overwriting"):
+        run_benchmark(TINY, out, progress=False)
+
+
+def test_a_corrupt_cached_model_is_a_clear_error(data_env, prep, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(Path(prep.pretraining["path"]).parent, cache / "forgetting")
+    path = cache / "forgetting" / Path(prep.pretraining["path"]).name
+    (path / "model.safetensors").write_bytes(b"not a model")
+    with pytest.raises(DowserError, match="delete that directory"):
+        prepare(TINY, cache=cache, progress=False)

@@ -38,11 +38,6 @@ def _prepare_out(out: Path, *, overwrite: bool, resume: bool, can_resume: bool) 
             f"{out} is not empty; pass --overwrite to replace its results"
             + (" or --resume to continue them" if can_resume else "")
         )
-    if out.exists() and overwrite and not resume:
-        for name in ("runs.jsonl", "results.json", "results.md"):
-            (out / name).unlink(missing_ok=True)
-        for png in out.glob("*.png"):
-            png.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -66,6 +61,7 @@ def run_preset(
         PRESETS[preset],
         out,
         resume=resume,
+        overwrite=overwrite,
         cache=Path(cache) if cache else None,
         progress=progress,
     )

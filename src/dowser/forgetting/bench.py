@@ -166,11 +166,19 @@ def load_tasks(
 
 def prepare(config: BenchConfig, *, cache: Path | None = None, progress: bool = True) -> Prepared:
     """Load the data, pretrain (or load) the built-in model, encode every task."""
+    from safetensors import SafetensorError
+
     from dowser.tiny import load_checkpoint
 
     upstream, pretraining, downstream, corpus = load_tasks(config)
     path = pretrained(config.base, pretraining, corpus, cache=cache, progress=progress)
-    base, processor = load_checkpoint(path)
+    try:
+        base, processor = load_checkpoint(path)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise DowserError(
+            f"the cached model in {path} cannot be loaded ({e}); delete that directory and it "
+            "will be pretrained again"
+        ) from None
     base.eval().requires_grad_(False)
     tests = {}
     for task in [*upstream, *downstream.values()]:
@@ -334,11 +342,16 @@ def run_benchmark(
     out: Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     cache: Path | None = None,
     progress: bool = True,
     log=print,
 ) -> dict:
-    """Run every phase, write OUT/runs.jsonl, results.json, results.md and the plots."""
+    """Run every phase, write OUT/runs.jsonl, results.json, results.md and the plots.
+
+    An existing OUT/runs.jsonl is continued with `resume`, replaced with `overwrite` (once the
+    data and the model are ready, so a failed start loses nothing), else refused.
+    """
     from dowser.forgetting.report import summarize, write_report
 
     out = Path(out)
@@ -347,11 +360,13 @@ def run_benchmark(
     records = []
     if resume and runs_path.is_file():
         records = [json.loads(line) for line in runs_path.read_text().splitlines() if line]
-    elif runs_path.exists():
-        runs_path.unlink()  # the caller allowed overwriting
+    elif runs_path.exists() and not overwrite:
+        raise DowserError(f"{runs_path} exists; resume it or allow overwriting")
     done = {_key(r) for r in records}
     t0 = time.perf_counter()
     prep = prepare(config, cache=cache, progress=progress)
+    if not resume:
+        runs_path.unlink(missing_ok=True)
     log(
         f"built-in model: {prep.pretraining['parameters'] / 1e6:.2f}M parameters, "
         f"pretrained in {prep.pretraining['seconds']} s (cached at {prep.pretraining['path']})"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dowser.errors import DowserError
 from dowser.forgetting.encode import Encoded, encode
 from dowser.forgetting.tasks import Task
 from dowser.forgetting.train import train_loop
@@ -108,7 +109,13 @@ def pretrained(
     path = root / f"llava-{cache_key(config, tasks)}"
     if (path / "pretraining.json").is_file():
         return path
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DowserError(
+            f"cannot keep the pretrained model in {root} ({e.strerror}); pass --cache DIR or "
+            "set DOWSER_CACHE to a writable directory"
+        ) from None
     t0 = time.perf_counter()
     model, processor = build(config, corpus)
     data = Encoded.cat([encode_train(processor, t) for t in tasks])

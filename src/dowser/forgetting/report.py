@@ -278,5 +278,11 @@ def _write_text(path: Path, text: str) -> None:
 def write_report(result: dict, records: list[dict], out: Path) -> None:
     """results.json (with every run), results.md and the plots, each written atomically."""
     result["plots"] = [p.name for p in plots(result, out)]
+    for old in out.glob("*.png"):  # plots of an earlier config that this run did not redraw
+        if (
+            old.name.startswith(("frontier-", "depth-", "ratio-"))
+            and old.name not in result["plots"]
+        ):
+            old.unlink()
     _write_text(out / "results.json", json.dumps({**result, "runs": records}, indent=1) + "\n")
     _write_text(out / "results.md", markdown(result))
