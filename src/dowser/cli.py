@@ -292,6 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
         "(frozen weights are then rounded to it in OUT; the delta keeps the base's values)",
     )
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
+    t.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard weights, gradients and optimizer state with FSDP2 (under torchrun or "
+        "accelerate launch); decoder layers are the shards' units",
+    )
+    t.add_argument(
+        "--fsdp-config",
+        default=None,
+        help="JSON file of HF fsdp_config settings (with --fsdp), e.g. cpu_offload, "
+        "transformer_layer_cls_to_wrap",
+    )
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
     t.add_argument(
         "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code"

@@ -39,13 +39,18 @@ def save_delta(
     base_fingerprints: Mapping[str, str],
     dense: Iterable[str] = (),
     overwrite: bool = False,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the trainable entries of `mask`'s weights and the `dense` tensors of `model`.
 
     `base_fingerprints` (name -> fingerprint of the weight before fine-tuning) must cover
-    every weight written.
+    every weight written. `state_dict`: take the values from these whole tensors instead of
+    the model's parameters (a sharded model's gathered state).
     """
-    params = dict(model.named_parameters(remove_duplicate=False))
+    if state_dict is not None:
+        params = dict(state_dict)
+    else:
+        params = dict(model.named_parameters(remove_duplicate=False))
     tensors: dict[str, torch.Tensor] = {}
     for name, m in mask.items():
         idx = m.reshape(-1).nonzero().squeeze(1)
@@ -111,6 +116,7 @@ def save_merged(
     *,
     preprocessors: Iterable[Any] = (),
     source_dir: PathLike | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save `model` as a Hugging Face checkpoint in `out_dir`, with its tokenizer/processor.
 
@@ -118,6 +124,8 @@ def save_merged(
     (each move atomic). Preprocessors are saved with `save_pretrained`; files of
     `source_dir` that are not weights or configs (tokenizer, processor, chat template files)
     are copied over when not already written, so nothing the base checkpoint had is lost.
+    `state_dict`: save these whole tensors instead of the model's own (a sharded model's
+    gathered state).
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -125,7 +133,7 @@ def save_merged(
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".dowser-merged-", dir=out))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         for pre in preprocessors:
             if pre is not None:
                 pre.save_pretrained(tmp)

@@ -20,6 +20,7 @@ from torch import nn
 from dowser.errors import DowserError
 from dowser.mask import Mask
 from dowser.targets import find_decoder_layers
+from dowser.train.distributed import local, shard_like
 
 
 def masked_parameters(model: nn.Module, mask: Mask) -> dict[str, nn.Parameter]:
@@ -84,20 +85,34 @@ class GradientMask:
 
     def __init__(self, model: nn.Module, mask: Mask, *, train_norms: bool = True):
         self.model = model
-        self.params = masked_parameters(model, mask)
+        self.mask = mask
+        self._flags = prepare_model(model, mask, train_norms=train_norms)
+        self._grad_hooks: list = []
+        self._handles: list = []  # optimizer hooks
+        self._saved: list[torch.Tensor] | None = None
+        self.bind(model)
+
+    def bind(self, model: nn.Module) -> GradientMask:
+        """Hook `model`'s masked weights again after a wrapper replaced them (FSDP2).
+
+        Each weight's frozen mask is cut like the weight (a sharded weight: this rank's
+        block of rows), so hooks and the restore step work on the local part only.
+        """
+        self.params = masked_parameters(model, self.mask)
         # bool masks on each weight's device, 1 byte per entry as the reference keeps; the
         # frozen one is kept inverted so the hook is a single masked_fill
-        self._frozen = {n: ~mask[n].to(p.device) for n, p in self.params.items()}
-        self._flags = prepare_model(model, mask, train_norms=train_norms)
-        self._handles = [
+        self._frozen = {n: ~shard_like(self.mask[n], p) for n, p in self.params.items()}
+        for h in self._grad_hooks:
+            h.remove()
+        self._grad_hooks = [
             p.register_post_accumulate_grad_hook(self._zero_frozen(n))
             for n, p in self.params.items()
         ]
-        self._saved: list[torch.Tensor] | None = None
+        return self
 
     def frozen(self, name: str, device: torch.device) -> torch.Tensor:
-        """The frozen-entry mask of weight `name` on `device` (moved once if the model moved,
-        e.g. when the Trainer puts it on the GPU after the hooks were made)."""
+        """The frozen-entry mask of weight `name` (its local part) on `device` (moved once if
+        the model moved, e.g. when the Trainer puts it on the GPU after the hooks were made)."""
         m = self._frozen[name]
         if m.device != device:
             m = self._frozen[name] = m.to(device)
@@ -107,7 +122,8 @@ class GradientMask:
         # After accumulation, in place on p.grad: no new gradient-sized tensor per backward,
         # and idempotent under gradient accumulation.
         def hook(p: torch.Tensor) -> None:
-            p.grad.masked_fill_(self.frozen(name, p.grad.device), 0)
+            g = local(p.grad)
+            g.masked_fill_(self.frozen(name, g.device), 0)
 
         return hook
 
@@ -126,20 +142,22 @@ class GradientMask:
 
     @torch.no_grad()
     def _save(self, optimizer, args, kwargs) -> None:
-        self._saved = [p.detach().clone() for p in self.params.values()]
+        self._saved = [local(p.detach()).clone() for p in self.params.values()]
 
     @torch.no_grad()
     def _restore(self, optimizer, args, kwargs) -> None:
         if self._saved is None:
             return
         for (n, p), old in zip(self.params.items(), self._saved, strict=True):
-            p.copy_(torch.where(self.frozen(n, p.device), old, p))
+            x = local(p.detach())
+            x.copy_(torch.where(self.frozen(n, x.device), old, x))
         self._saved = None
 
     def remove(self) -> None:
         """Remove all hooks and restore the requires_grad flags from before."""
-        for h in self._handles:
+        for h in [*self._grad_hooks, *self._handles]:
             h.remove()
+        self._grad_hooks.clear()
         self._handles.clear()
         for n, p in self.model.named_parameters():
             if n in self._flags:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -65,10 +66,19 @@ def run_train(args: argparse.Namespace) -> Path:
     from dowser.hf import load_model, parse_dtype
     from dowser.mask import Mask
     from dowser.train.data import Collator, SupervisedDataset, load_examples
+    from dowser.train.distributed import barrier, is_main_process, mean_over_ranks, world_size
     from dowser.train.trainer import DowserTrainer
 
     out = Path(args.out)
     _check_out(out, args)
+    if args.fsdp_config and not args.fsdp:
+        raise DowserError("--fsdp-config is read only with --fsdp")
+    fsdp_config = _read_fsdp_config(args.fsdp_config) if args.fsdp_config else None
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise DowserError(
+            "--fsdp shards the model over several processes: launch with torchrun "
+            "--nproc-per-node N -m dowser train ... (or accelerate launch)"
+        )
     examples = load_examples(args.data)
     dtype = parse_dtype(args.dtype) if args.dtype else torch.float32
     model, tokenizer, processor = load_model(
@@ -87,7 +97,7 @@ def run_train(args: argparse.Namespace) -> Path:
     if device == "cuda" and not torch.cuda.is_available():
         raise DowserError("--device cuda: no CUDA device is available; use --device cpu")
     try:
-        training_args = _training_arguments(TrainingArguments, args, out, device)
+        training_args = _training_arguments(TrainingArguments, args, out, device, fsdp_config)
     except ValueError as e:  # a combination the Trainer refuses
         raise DowserError(f"invalid training settings: {e}") from None
     trainer = DowserTrainer(
@@ -98,10 +108,13 @@ def run_train(args: argparse.Namespace) -> Path:
         train_dataset=dataset,
         data_collator=Collator(pad_token_id=pad if pad is not None else 0),
     )
-    if args.overwrite and not args.resume:
-        _clear_previous_run(out)  # only now that every input has been read and checked
-    (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-    (out / CHECKPOINTS / RUN_INFO).write_text(json.dumps(_run_info(args), indent=2) + "\n")
+    barrier()  # every rank has checked OUT before rank 0 writes to it
+    if is_main_process():
+        if args.overwrite and not args.resume:
+            _clear_previous_run(out)  # only now that every input has been read and checked
+        (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        (out / CHECKPOINTS / RUN_INFO).write_text(json.dumps(_run_info(args), indent=2) + "\n")
+    barrier()
     try:
         result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     except ValueError as e:
@@ -111,14 +124,34 @@ def run_train(args: argparse.Namespace) -> Path:
     trainer.save_merged(out, preprocessors=[pre], source_dir=args.model_dir)
     if args.save_delta:
         trainer.save_delta(out / "delta.safetensors", overwrite=True)
-    loss = result.training_loss
-    print(f"trained {result.global_step} steps, mean loss {loss:.4f}; wrote the model to {out}")
-    if args.save_delta:
-        print(f"wrote the sparse delta to {out / 'delta.safetensors'}")
+    loss = mean_over_ranks(result.training_loss)  # each rank averaged its own batches
+    if is_main_process():
+        ranks = f" on {world_size()} processes" if world_size() > 1 else ""
+        print(
+            f"trained {result.global_step} steps{ranks}, mean loss {loss:.4f}; "
+            f"wrote the model to {out}"
+        )
+        if args.save_delta:
+            print(f"wrote the sparse delta to {out / 'delta.safetensors'}")
     return out
 
 
-def _training_arguments(cls, args: argparse.Namespace, out: Path, device: str):
+def _read_fsdp_config(path: str) -> dict:
+    """--fsdp-config: a JSON object of HF fsdp_config settings."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DowserError(f"--fsdp-config {path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise DowserError(f"--fsdp-config {path} is not readable JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise DowserError(f"--fsdp-config {path} must hold a JSON object of settings")
+    return config
+
+
+def _training_arguments(
+    cls, args: argparse.Namespace, out: Path, device: str, fsdp_config: dict | None = None
+):
     """HF TrainingArguments from the command line's settings."""
     return cls(
         output_dir=str(out / CHECKPOINTS),
@@ -142,6 +175,8 @@ def _training_arguments(cls, args: argparse.Namespace, out: Path, device: str):
         activation_checkpointing=args.gradient_checkpointing,
         disable_tqdm=args.quiet,
         dataloader_num_workers=0,
+        fsdp=True if args.fsdp else None,
+        fsdp_config=fsdp_config,
     )
 
 

@@ -35,9 +35,11 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from dowser.errors import DowserError
 from dowser.mask import Mask
+from dowser.train.distributed import flat_offset, gather_blocks, local, shard_like
 from dowser.train.masking import masked_parameters
 
 _FLOAT_STATE = ("exp_avg", "exp_avg_sq", "master")
@@ -74,28 +76,61 @@ class SparseAdamW(torch.optim.Optimizer):
             raise DowserError(f"lr={lr}, eps={eps}, weight_decay={weight_decay} must be >= 0")
         if not all(0 <= b < 1 for b in betas):
             raise DowserError(f"betas={betas} must lie in [0, 1)")
-        masked = masked_parameters(model, mask)
-        for p in masked.values():
-            p.requires_grad_(True)
-            if not p.is_contiguous():
-                raise DowserError("SparseAdamW needs contiguous weights")
-        # flat indices of trainable entries, by parameter identity
-        self._index: dict[int, torch.Tensor] = {}
-        for n, p in masked.items():
-            flat = mask[n].reshape(-1).nonzero().squeeze(1)
-            dtype = torch.int32 if p.numel() < 2**31 else torch.int64
-            self._index[id(p)] = flat.to(device=p.device, dtype=dtype)
+        self.mask = mask
+        self.mask_grads = mask_grads
+        self._index: dict[int, torch.Tensor] = {}  # id(param) -> flat indices in its local part
+        self._hooks: list = []
+        masked = self._masked(model)
         if param_groups is None:
             params = [p for p in model.parameters() if p.requires_grad]
             param_groups = [{"params": params}]
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(list(param_groups), defaults)
-        self._hooks = []
-        if mask_grads:
-            for p in masked.values():
-                self._hooks.append(
-                    p.register_post_accumulate_grad_hook(_keep_only(self._index[id(p)]))
-                )
+        self._bind(masked)
+
+    def _masked(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        masked = masked_parameters(model, self.mask)
+        for p in masked.values():
+            p.requires_grad_(True)
+            if not local(p).is_contiguous():
+                raise DowserError("SparseAdamW needs contiguous weights")
+        return masked
+
+    def bind(self, model: nn.Module) -> SparseAdamW:
+        """Follow `model`'s masked weights after a wrapper replaced them (FSDP2's fully_shard).
+
+        Sharding swaps every parameter for a DTensor holding a block of rows; the optimizer's
+        parameter groups are updated by the wrapper, the mask's indices and gradient hooks by
+        this call, which cuts each mask like its weight. Call it before the first step.
+        """
+        if any(self.state.values()):
+            raise DowserError("SparseAdamW.bind: call it before the first optimizer step")
+        masked = self._masked(model)
+        held = {id(p) for g in self.param_groups for p in g["params"]}
+        lacking = [n for n, p in masked.items() if id(p) not in held]
+        if len(masked) - len(lacking) < len(self._index):
+            raise DowserError(
+                f"SparseAdamW.bind: the optimizer no longer holds the model's {lacking[0]}; "
+                "bind it to the model it was made for, once wrapped"
+            )
+        self._bind(masked)
+        return self
+
+    def _bind(self, masked: dict[str, nn.Parameter]) -> None:
+        # masked weights left out of every parameter group are not trained
+        held = {id(p) for g in self.param_groups for p in g["params"]}
+        self.remove_hooks()
+        self._index = {}
+        for n, p in masked.items():
+            if id(p) not in held:
+                continue
+            part = shard_like(self.mask[n], p)  # this rank's block of the mask
+            flat = part.reshape(-1).nonzero().squeeze(1)
+            dtype = torch.int32 if part.numel() < 2**31 else torch.int64
+            self._index[id(p)] = flat.to(dtype=dtype)
+            if self.mask_grads:
+                hook = _keep_only(self._index[id(p)])
+                self._hooks.append(p.register_post_accumulate_grad_hook(hook))
 
     def remove_hooks(self) -> None:
         """Remove the gradient hooks that `mask_grads=True` registered on the model."""
@@ -110,6 +145,12 @@ class SparseAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step (see module doc)."""
+        held = {id(p) for g in self.param_groups for p in g["params"]}
+        if not held.issuperset(self._index):
+            raise DowserError(
+                "SparseAdamW's masked weights were replaced (the model was wrapped or sharded "
+                "after the optimizer was made): call optimizer.bind(model) before training"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -139,39 +180,80 @@ class SparseAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if "idx" not in state:
             idx = self._index[id(p)]
-            self._init_state(p, p.detach().reshape(-1)[idx])
+            self._init_state(p, local(p.detach()).reshape(-1)[idx.to(local(p).device).long()])
             state["idx"] = idx
         # stored int32 (4 bytes); kernels want int64, made one weight at a time
-        idx = state["idx"].to(p.device).long()
-        grad = p.grad.reshape(-1).index_select(0, idx).float()
+        flat = local(p.detach()).view(-1)
+        idx = state["idx"].to(flat.device).long()
+        grad = local(p.grad).reshape(-1).index_select(0, idx).float()
         p.grad = None  # the dense gradient is no longer needed
-        flat = p.data.view(-1)
         x = state["master"] if "master" in state else flat.index_select(0, idx)
         _adamw(x, grad, state, group)
         flat.index_copy_(0, idx, x.to(p.dtype))
 
     def _dense_step(self, p: torch.Tensor, group: dict) -> None:
         state = self.state[p]
+        data = local(p.detach())  # a sharded weight: this rank's block, state for it only
         if "exp_avg" not in state:
-            self._init_state(p, p.detach())
-        grad = p.grad.float()
+            self._init_state(p, data)
+        grad = local(p.grad).float()
         if "master" in state:
             x = state["master"]
             _adamw(x, grad, state, group)
-            p.data.copy_(x)
+            data.copy_(x)
         else:
-            _adamw(p.data, grad, state, group)
+            _adamw(data, grad, state, group)
+
+    def state_dict(self) -> dict:
+        """As torch's; for row-sharded weights (FSDP2), the state of the whole weight.
+
+        Sparse state is gathered from every rank (idx as flat indices into the whole
+        weight), dense state becomes DTensors, so a checkpoint engine that saves one full
+        copy (FSDP's FULL_STATE_DICT) keeps everything. With sharded weights this is a
+        collective: every rank must call it. Unsharded: exactly torch's.
+        """
+        sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in enumerate(params):  # torch numbers parameters in group order
+            saved = sd["state"].get(i)
+            if not saved or not isinstance(p, DTensor):
+                continue
+            saved = dict(saved)  # torch's dict holds the live state tensors: do not touch them
+            if "idx" in saved:
+                idx = saved["idx"].long() + flat_offset(p)
+                whole = gather_blocks(idx, p)
+                saved["idx"] = whole.to(torch.int32 if p.numel() < 2**31 else torch.int64)
+                for key in _FLOAT_STATE:
+                    if key in saved:
+                        saved[key] = gather_blocks(saved[key], p)
+            else:
+                for key in _FLOAT_STATE:
+                    if key in saved:
+                        saved[key] = DTensor.from_local(
+                            saved[key],
+                            p.device_mesh,
+                            p.placements,
+                            shape=p.shape,
+                            stride=p.stride(),
+                        )
+            sd["state"][i] = saved
+        return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but keeps fp32 state fp32 and indices integer for any weight dtype."""
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        """As torch's, but keeps fp32 state fp32 and indices integer for any weight dtype,
+        and takes this rank's block of a row-sharded weight's whole state (`state_dict`)."""
         params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        states = dict(state_dict["state"])
         for pid, p in zip(saved_ids, params, strict=True):
-            saved = state_dict["state"].get(pid, {})
+            if states.get(pid) and isinstance(p, DTensor):
+                states[pid] = _local_state(dict(states[pid]), p)
+        super().load_state_dict({**state_dict, "state": states})
+        for pid, p in zip(saved_ids, params, strict=True):
+            saved = states.get(pid, {})
             for key in _FLOAT_STATE:
                 if key in saved:
-                    self.state[p][key] = saved[key].to(device=p.device, dtype=torch.float32)
+                    self.state[p][key] = saved[key].to(device=local(p).device, dtype=torch.float32)
             if "idx" in saved:
                 if not torch.equal(saved["idx"].cpu().long(), self._index[id(p)].cpu().long()):
                     raise DowserError(
@@ -190,12 +272,32 @@ class SparseAdamW(torch.optim.Optimizer):
         )
 
 
+def _local_state(saved: dict, p: DTensor) -> dict:
+    """This rank's block of the whole-weight state that `SparseAdamW.state_dict` wrote."""
+    if "idx" in saved:
+        idx = saved["idx"].long()
+        start = flat_offset(p)
+        keep = (idx >= start) & (idx < start + local(p).numel())
+        saved["idx"] = idx[keep] - start
+        for key in _FLOAT_STATE:
+            if key in saved:
+                saved[key] = saved[key][keep.to(saved[key].device)]
+        return saved
+    for key in _FLOAT_STATE:
+        value = saved.get(key)
+        if isinstance(value, DTensor):
+            saved[key] = value.to_local()
+        elif isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(p.shape):
+            saved[key] = shard_like(value, p)  # a whole tensor from a full state dict
+    return saved
+
+
 def _keep_only(idx: torch.Tensor):
     """A gradient hook that keeps the entries at flat indices `idx` and zeroes the rest."""
 
     def hook(p: torch.Tensor) -> None:
-        i = idx.to(p.grad.device).long()  # no-op unless the model moved after construction
-        flat = p.grad.view(-1)
+        flat = local(p.grad).view(-1)
+        i = idx.to(flat.device).long()  # no-op unless the model moved after construction
         kept = flat.index_select(0, i)
         flat.zero_()
         flat.index_copy_(0, i, kept)

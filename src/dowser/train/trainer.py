@@ -16,6 +16,7 @@ resume, accelerate/torchrun launch). Two optimizers:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,10 @@ from transformers import Trainer
 
 from dowser.errors import DowserError
 from dowser.fingerprint import model_fingerprints
+from dowser.io import check_writable
 from dowser.mask import Mask
 from dowser.train.artifacts import save_delta, save_merged
+from dowser.train.distributed import barrier, full_state_dict, is_main_process, is_sharded
 from dowser.train.masking import mask_gradients, masked_parameters, prepare_model
 from dowser.train.sparse_adamw import SparseAdamW
 
@@ -55,7 +58,15 @@ class DowserTrainer(Trainer):
             raise DowserError(f"optimizer={optimizer!r}: choose {' or '.join(OPTIMIZERS)}")
         if model is None:
             raise DowserError("DowserTrainer needs the model")
+        if args is not None and getattr(args, "deepspeed", None):
+            raise DowserError(
+                "DeepSpeed is not supported: ZeRO flattens weights into partitions that a "
+                "per-entry mask cannot follow. Use FSDP2 (TrainingArguments(fsdp=True), "
+                "`dowser train --fsdp`), which shards like ZeRO-3"
+            )
         mask.check(model)
+        if args is not None and getattr(args, "fsdp_plugin_args", None) is not None:
+            _wrap_present_layers(args.fsdp_plugin_args, model)
         self.mask = mask
         self.dowser_optimizer = optimizer
         if optimizer == "masked-adamw":
@@ -70,6 +81,52 @@ class DowserTrainer(Trainer):
         # fingerprints of the base weights, for the delta file
         self.base_fingerprints = model_fingerprints(model, [*mask, *self.dense_names])
         super().__init__(model=model, args=args, **kwargs)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The stock accelerator, with FSDP2 allowed on CPU processes (gloo) and checked.
+
+        accelerate turns FSDP on only for accelerator devices; fully_shard itself runs on
+        CPU processes over gloo, so a CPU run asked for FSDP gets it too (the same code path
+        as on GPUs, which is how the tests check sharded training on a CPU machine).
+        """
+        super().create_accelerator_and_postprocess()
+        from accelerate import PartialState
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        asked = self.args.fsdp_plugin_args is not None or _env_flag("ACCELERATE_USE_FSDP")
+        if asked and state.distributed_type == DistributedType.MULTI_CPU:
+            plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
+            # accelerate keeps the distributed type in two shared dicts: set both
+            state.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            state.fsdp_plugin = plugin
+            self.is_fsdp_enabled = True
+        if asked and self.accelerator.num_processes < 2:
+            raise DowserError(
+                "FSDP needs several processes: launch with torchrun --nproc-per-node N "
+                "(or accelerate launch), or train without FSDP"
+            )
+        if self.is_fsdp_enabled and getattr(state.fsdp_plugin, "fsdp_version", 2) != 2:
+            raise DowserError(
+                "Dowser masks need FSDP2 (per-parameter sharding); FSDP1 flattens weights. "
+                "Set fsdp_config version 2 (the default)"
+            )
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None):
+        """The stock scheduler; first, point the mask at the parameters the wrapper made.
+
+        The Trainer calls this right after `accelerator.prepare`, once the model is final:
+        FSDP2 has by then replaced each weight by its shard, which the optimizer's groups
+        follow but the mask's indices and gradient hooks must be cut for (`bind`).
+        """
+        model = self.model
+        if self.gradient_mask is not None:
+            self.gradient_mask.bind(model)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # AcceleratedOptimizer
+        if isinstance(inner, SparseAdamW):
+            inner.bind(model)
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def create_optimizer(self, model: Any = None):
         """SparseAdamW, or the stock optimizer with frozen entries protected."""
@@ -103,19 +160,63 @@ class DowserTrainer(Trainer):
         return self.optimizer
 
     def save_delta(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the sparse delta (trainable entries + dense-trained norms) of the model."""
-        return save_delta(
-            self.accelerator.unwrap_model(self.model),
-            self.mask,
-            path,
-            base_fingerprints=self.base_fingerprints,
-            dense=self.dense_names,
-            overwrite=overwrite,
-        )
+        """Write the sparse delta (trainable entries + dense-trained norms) of the model.
+
+        Under torchrun every rank must call this: a sharded model is gathered, rank 0 writes.
+        """
+        path = check_writable(path, overwrite=overwrite)  # on every rank, before gathering
+        model = self.accelerator.unwrap_model(self.model)
+        state = full_state_dict(model) if is_sharded(model) else None
+        if is_main_process():
+            save_delta(
+                model,
+                self.mask,
+                path,
+                base_fingerprints=self.base_fingerprints,
+                dense=self.dense_names,
+                overwrite=overwrite,
+                state_dict=state,
+            )
+        barrier()
+        return path
 
     def save_merged(
         self, out_dir: str | Path, *, preprocessors=(), source_dir: str | Path | None = None
     ) -> Path:
-        """Write the fine-tuned model as a Hugging Face checkpoint directory."""
+        """Write the fine-tuned model as a Hugging Face checkpoint directory.
+
+        Under torchrun every rank must call this: a sharded model is gathered, rank 0 writes.
+        """
         model = self.accelerator.unwrap_model(self.model)
-        return save_merged(model, out_dir, preprocessors=preprocessors, source_dir=source_dir)
+        state = full_state_dict(model) if is_sharded(model) else None
+        if is_main_process():
+            save_merged(
+                model,
+                out_dir,
+                preprocessors=preprocessors,
+                source_dir=source_dir,
+                state_dict=state,
+            )
+        barrier()
+        return Path(out_dir)
+
+
+def _wrap_present_layers(plugin_args: dict, model: Any) -> None:
+    """FSDP2's shard units: the model's layer classes that exist in it, unless set by the user.
+
+    accelerate wraps every class in `model._no_split_modules` and fails on one the model
+    does not contain (LLaVA lists CLIP's text-model classes, absent from its vision tower).
+    """
+    if (
+        plugin_args.get("transformer_cls_names_to_wrap")
+        or plugin_args.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP") != "TRANSFORMER_BASED_WRAP"
+    ):
+        return
+    listed = set(getattr(model, "_no_split_modules", None) or ())
+    present = sorted({type(m).__name__ for m in model.modules()} & listed)
+    if present:
+        plugin_args["transformer_cls_names_to_wrap"] = ",".join(present)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
