@@ -15,6 +15,7 @@ ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 SIZES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
+    "tiny": (64, 128, 2, 4, 4, 1000),  # smoke runs of the GPU script on any machine
     "30m": (512, 1408, 8, 8, 8, 8000),
     "7b": (4096, 11008, 32, 32, 32, 32000),
 }

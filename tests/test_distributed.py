@@ -32,9 +32,22 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMER
 TRAIN = ["--lr", "1e-2", "--weight-decay", "0.1", "--device", "cpu", "--quiet", "--save-delta"]
 
 
-def torchrun(*argv) -> str:
+# what `accelerate launch --use_fsdp --fsdp_version 2` sets (it cannot start several CPU
+# processes itself; on GPUs it starts them with torchrun)
+ACCELERATE_FSDP = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+}
+
+
+def torchrun(*argv, env: dict | None = None) -> str:
     proc = subprocess.run(
-        [*TORCHRUN, *map(str, argv)], capture_output=True, text=True, env=ENV, timeout=600
+        [*TORCHRUN, *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env={**ENV, **(env or {})},
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
@@ -137,14 +150,17 @@ def test_torchrun_equals_one_process(setup, checkpoint_dirs, capsys, mode, optim
         assert torch.equal(p.detach(), got[name]), name
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "accelerate-fsdp"])
 def test_every_rank_keeps_its_frozen_entries(setup, checkpoint_dirs, mode):
-    """The Python API under torchrun; each rank checks the part of each weight it holds."""
+    """The Python API under torchrun; each rank checks the part of each weight it holds.
+    accelerate-fsdp: FSDP asked for by accelerate's environment, not TrainingArguments."""
     out = setup / f"api-{mode}"
     out.mkdir()
     mask_path = setup / "llama.mask.safetensors"
     data = setup / "llama.jsonl"
-    torchrun(WORKER, checkpoint_dirs["llama"], mask_path, data, out, mode, "sparse-adamw")
+    env = ACCELERATE_FSDP if mode == "accelerate-fsdp" else None
+    ckpt = checkpoint_dirs["llama"]
+    torchrun(WORKER, ckpt, mask_path, data, out, mode, "sparse-adamw", env=env)
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     mask = dowser.Mask.load(mask_path)
     frozen = sum(int((~m).sum()) for m in mask.values())

@@ -77,6 +77,28 @@ def _count(text: str) -> int:
     return value
 
 
+def _max_memory(text: str) -> dict:
+    """'0=70GiB,cpu=200GiB' -> {0: '70GiB', 'cpu': '200GiB'} (accelerate's max_memory)."""
+    out: dict = {}
+    for item in text.split(","):
+        key, sep, size = item.strip().partition("=")
+        if not sep or not size.strip():
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: write DEVICE=SIZE pairs, e.g. 0=70GiB,cpu=200GiB"
+            )
+        key, size = key.strip(), size.strip()
+        value = int(size) if size.isdigit() else size  # bytes, or "70GiB"
+        if key.isdigit():
+            out[int(key)] = value
+        elif key in ("cpu", "mps"):
+            out[key] = value
+        else:
+            raise argparse.ArgumentTypeError(
+                f"{key!r} is not a device: use a GPU index (0, 1, ...) or cpu"
+            )
+    return out
+
+
 SCHEDULERS = (
     "linear",
     "cosine",
@@ -154,6 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default=None,
         help="float32, bfloat16, float16 or auto (default: bfloat16 on GPU, float32 on CPU)",
+    )
+    p.add_argument(
+        "--device-map",
+        default=None,
+        help="spread a model larger than one device over GPUs, CPU and disk (accelerate): "
+        "auto, balanced, balanced_low_0 or sequential; instead of --device",
+    )
+    p.add_argument(
+        "--max-memory",
+        type=_max_memory,
+        default=None,
+        help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB",
+    )
+    p.add_argument(
+        "--offload-folder",
+        default=None,
+        help="with --device-map: where weights that fit nowhere else are kept on disk",
     )
     p.add_argument(
         "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code"
@@ -389,12 +428,22 @@ def _device_and_dtype(device: str | None, dtype: str | None):
 def _cmd_probe(args: argparse.Namespace) -> None:
     from dowser.hf import load_model
     from dowser.io import check_writable
-    from dowser.probing import probe
+    from dowser.probing import peak_memory, probe
 
     out = check_writable(args.out, overwrite=args.overwrite)  # fail before the long part
+    if args.device_map is not None and args.device is not None:
+        raise DowserError("--device and --device-map: give one (--device-map places the model)")
+    if (args.max_memory or args.offload_folder) and args.device_map is None:
+        raise DowserError("--max-memory and --offload-folder apply only with --device-map")
     device, dtype = _device_and_dtype(args.device, args.dtype)
     model, tokenizer, processor = load_model(
-        args.model_dir, device=device, dtype=dtype, trust_remote_code=args.trust_remote_code
+        args.model_dir,
+        device=None if args.device_map else device,
+        dtype=dtype,
+        trust_remote_code=args.trust_remote_code,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
+        offload_folder=args.offload_folder,
     )
     scores = probe(
         model,
@@ -413,6 +462,8 @@ def _cmd_probe(args: argparse.Namespace) -> None:
     )
     scores.save(out, overwrite=args.overwrite)
     print(f"wrote {out}: scores for {len(scores)} weights ({args.estimator})")
+    peaks = ", ".join(f"{d} {b / 2**30:.2f} GiB" for d, b in peak_memory().items())
+    print(f"peak memory: {peaks}")
 
 
 def _cmd_mask(args: argparse.Namespace) -> None:

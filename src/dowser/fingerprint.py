@@ -30,9 +30,30 @@ def tensor_fingerprint(t: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def model_fingerprints(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
-    """Fingerprints of the named parameters of `model`."""
+def parameter_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """name -> value of every parameter, reading offloaded ones where they are kept.
+
+    A model placed with a device map keeps weights offloaded to the CPU or disk on "meta";
+    accelerate's hook on the owning module holds the real values (`weights_map`).
+    """
     params = dict(model.named_parameters(remove_duplicate=False))
+    if not any(p.device.type == "meta" for p in params.values()):
+        return params
+    modules = dict(model.named_modules(remove_duplicate=False))
+    out = {}
+    for name, p in params.items():
+        if p.device.type == "meta":
+            owner, _, leaf = name.rpartition(".")
+            weights = getattr(getattr(modules[owner], "_hf_hook", None), "weights_map", None)
+            if weights is not None:
+                p = weights[leaf]
+        out[name] = p
+    return out
+
+
+def model_fingerprints(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """Fingerprints of the named parameters of `model` (offloaded ones included)."""
+    params = parameter_values(model)
     return {n: tensor_fingerprint(params[n]) for n in names}
 
 
@@ -40,7 +61,7 @@ def mismatches(
     expected: Mapping[str, str], model: nn.Module, shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[list[str], list[str], list[str]]:
     """(missing, wrong shape, other values) among the expected parameters of `model`."""
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = parameter_values(model)
     missing = [n for n in expected if n not in params]
     wrong_shape = [
         n for n in expected if n in params and tuple(params[n].shape) != tuple(shapes[n])

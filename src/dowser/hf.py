@@ -38,13 +38,24 @@ def load_model(
     device: str | None = None,
     dtype: Any = None,
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[torch.nn.Module, Any, Any]:
     """(model, tokenizer, processor) from a local checkpoint directory.
 
     The model class is AutoModelForImageTextToText when the config is a vision-language one,
     else AutoModelForCausalLM, else AutoModelForSeq2SeqLM. Only safetensors weights load.
     tokenizer / processor are None when the directory has none.
+
+    device_map / max_memory / offload_folder: spread a model larger than one device over
+    GPUs, CPU and disk with accelerate ("auto", "balanced", "sequential" or a dict; e.g.
+    max_memory={0: "70GiB", "cpu": "200GiB"}); exclusive with `device`.
     """
+    if device_map is not None and device is not None:
+        raise DowserError("give either a device or a device map, not both")
+    if (max_memory or offload_folder) and device_map is None:
+        raise DowserError("max_memory and offload_folder apply only with a device map")
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -75,11 +86,17 @@ def load_model(
             "model with save_pretrained(), which writes safetensors)"
         )
     try:
+        placement = {}
+        if device_map is not None:
+            placement = {"device_map": device_map, "max_memory": max_memory}
+            if offload_folder is not None:
+                placement["offload_folder"] = str(offload_folder)
         model = auto.from_pretrained(
             path,
             dtype=dtype if dtype is not None else "auto",
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            **placement,
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise DowserError(f"cannot load the model from {path}: {_first_line(e)}") from None

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dowser.errors import DowserError
-from dowser.fingerprint import mismatches
+from dowser.fingerprint import mismatches, parameter_values
 from dowser.io import PathLike, corrupt, load_safetensors, save_safetensors
 from dowser.targets import Target
 
@@ -94,7 +94,7 @@ class Scores:
         """Use `model`'s weights for |W|; with `check`, refuse a model that was not probed."""
         if check:
             self.check(model)
-        params = dict(model.named_parameters(remove_duplicate=False))
+        params = parameter_values(model)  # offloaded weights (device maps) included
         self._params = {n: params[n] for n in self.factors}
         return self
 

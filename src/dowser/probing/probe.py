@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from dowser.errors import DowserError
 from dowser.fingerprint import model_fingerprints
 from dowser.probing.capture import Recorder, TokenMask, recording
-from dowser.probing.synthetic import synthetic_batches, to_model
+from dowser.probing.synthetic import input_device, synthetic_batches, to_model
 from dowser.scores import Factors, Scores
 from dowser.targets import Target, select_targets
 from dowser.version import __version__
@@ -73,7 +73,9 @@ def probe(
         include_lm_head: also score the output head (psi = 1), unless tied to the embedding.
         output_fn: maps the model outputs to f (B, V); default last-position logits.
         seed: seeds token draws, pixel noise, sampling and probe vectors.
-        device / dtype: move / cast the model first (in place) when given.
+        device / dtype: move / cast the model first (in place) when given. A model loaded
+            with a device map (`from_pretrained(device_map="auto", ...)`, weights spread over
+            GPUs, CPU and disk) is probed where it is: the scores equal an unsharded run's.
         progress: show progress bars.
 
     Returns:
@@ -89,8 +91,13 @@ def probe(
         if not isinstance(value, int) or value < 1:
             raise DowserError(f"{label}={value!r}: must be a positive integer")
     if device is not None or dtype is not None:
+        if getattr(model, "hf_device_map", None):
+            raise DowserError(
+                "this model was placed with a device map: probe it where it is (give no device "
+                "or dtype; choose them when loading it)"
+            )
         model.to(device=device, dtype=dtype)
-    device = _device_of(model)
+    device = input_device(model)
     targets = select_targets(model, layers, include_lm_head=include_lm_head)
     synthetic = batches is None
     was_training = model.training
@@ -132,11 +139,19 @@ def probe(
     return Scores(run.factors(), {t.param: t for t in targets}, meta, fingerprints, model=model)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        raise DowserError("the model has no parameters") from None
+def peak_memory() -> dict[str, int]:
+    """Peak memory of this process so far, in bytes: {"cuda:0": ..., "host": ...}.
+
+    GPUs: the most ever allocated by torch on each; host: the peak resident set (Linux).
+    """
+    import resource
+
+    peaks = {}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            peaks[f"cuda:{i}"] = torch.cuda.max_memory_allocated(i)
+    peaks["host"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return peaks
 
 
 def last_logits(outputs: Any, batch: dict) -> torch.Tensor:

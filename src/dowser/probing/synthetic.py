@@ -220,6 +220,26 @@ def _continue(
     return result
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go.
+
+    A model placed with a device map (accelerate: `from_pretrained(device_map=...)`) moves
+    activations between devices itself and keeps offloaded weights on "meta"; its inputs go
+    to its first accelerator, or to the CPU when it has none. Otherwise: its weights' device.
+    """
+    placement = getattr(model, "hf_device_map", None)
+    if placement:
+        devices = [d for d in placement.values() if d not in ("cpu", "disk")]
+        if not devices:
+            return torch.device("cpu")
+        first = devices[0]
+        return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        raise DowserError("the model has no parameters") from None
+
+
 def to_model(batch: dict, model: nn.Module, device) -> dict:
     """Move a batch to `device`; floating inputs (pixels) take the model's dtype."""
     dtype = next(model.parameters()).dtype
@@ -272,7 +292,7 @@ def synthetic_batches(
 
     For baselines that need activations without data (e.g. a Wanda mask) on the same inputs.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     generator = torch.Generator().manual_seed(seed)
     samples, pad = synthetic_samples(
         model,

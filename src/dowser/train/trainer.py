@@ -6,7 +6,11 @@
     trainer.save_delta("delta.safetensors")
 
 Everything else is the stock Trainer (gradient accumulation, checkpointing, bf16, logging,
-resume, accelerate/torchrun launch). Two optimizers:
+resume, accelerate/torchrun launch). Under torchrun it trains with DDP, or with FSDP2 when
+asked (`TrainingArguments(fsdp=True)` or `accelerate launch --use_fsdp`): after the Trainer
+has sharded the model, the mask is cut like each weight's shard (`create_scheduler` is the
+hook that runs then); saving gathers a sharded model and rank 0 writes. DeepSpeed and FSDP1
+are refused (they flatten weights). Two optimizers:
 
 - "sparse-adamw" (default): `SparseAdamW` from the Trainer's learning rate, betas, epsilon
   and weight decay (no decay on norms and biases, as the Trainer's own grouping);
@@ -65,8 +69,7 @@ class DowserTrainer(Trainer):
                 "`dowser train --fsdp`), which shards like ZeRO-3"
             )
         mask.check(model)
-        if args is not None and getattr(args, "fsdp_plugin_args", None) is not None:
-            _wrap_present_layers(args.fsdp_plugin_args, model)
+        _choose_fsdp_units(args, model)
         self.mask = mask
         self.dowser_optimizer = optimizer
         if optimizer == "masked-adamw":
@@ -201,21 +204,29 @@ class DowserTrainer(Trainer):
         return Path(out_dir)
 
 
-def _wrap_present_layers(plugin_args: dict, model: Any) -> None:
+def _choose_fsdp_units(args: Any, model: Any) -> None:
     """FSDP2's shard units: the model's layer classes that exist in it, unless set by the user.
 
     accelerate wraps every class in `model._no_split_modules` and fails on one the model
     does not contain (LLaVA lists CLIP's text-model classes, absent from its vision tower).
+    FSDP asked for in TrainingArguments gets them in its plugin settings; FSDP asked for by
+    `accelerate launch --use_fsdp` (environment variables) in FSDP_TRANSFORMER_CLS_TO_WRAP.
     """
-    if (
-        plugin_args.get("transformer_cls_names_to_wrap")
-        or plugin_args.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP") != "TRANSFORMER_BASED_WRAP"
-    ):
-        return
     listed = set(getattr(model, "_no_split_modules", None) or ())
-    present = sorted({type(m).__name__ for m in model.modules()} & listed)
-    if present:
-        plugin_args["transformer_cls_names_to_wrap"] = ",".join(present)
+    present = ",".join(sorted({type(m).__name__ for m in model.modules()} & listed))
+    plugin_args = getattr(args, "fsdp_plugin_args", None)
+    if not present:
+        return
+    if plugin_args is not None:
+        policy = plugin_args.get("auto_wrap_policy", "TRANSFORMER_BASED_WRAP")
+        if policy == "TRANSFORMER_BASED_WRAP" and not plugin_args.get(
+            "transformer_cls_names_to_wrap"
+        ):
+            plugin_args["transformer_cls_names_to_wrap"] = present
+    elif _env_flag("ACCELERATE_USE_FSDP"):
+        policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "NO_WRAP")  # accelerate's default
+        if policy == "TRANSFORMER_BASED_WRAP":
+            os.environ.setdefault("FSDP_TRANSFORMER_CLS_TO_WRAP", present)
 
 
 def _env_flag(name: str) -> bool:
