@@ -2,9 +2,12 @@
 
     torchrun --standalone --nproc-per-node 2 tests/dist_worker.py MODEL MASK DATA OUT MODE OPT
 
-MODE is "ddp" or "fsdp", OPT the DowserTrainer optimizer. Every rank checks its own part of
-every masked weight against the base checkpoint after training and writes OUT/rank<r>.json;
-rank 0 also writes the merged model and the delta.
+MODE: "ddp" or "fsdp" (DowserTrainer, FSDP from TrainingArguments), "accelerate-fsdp"
+(DowserTrainer, FSDP from accelerate's environment variables), or "loop" (a plain PyTorch
+loop over a model sharded with fully_shard by hand). OPT: "sparse-adamw" or "masked-adamw".
+Every rank checks its own part of every masked weight against the base checkpoint after
+training and writes OUT/rank<r>.json; with the Trainer, rank 0 also writes the merged model
+and the delta.
 """
 
 from __future__ import annotations
@@ -16,21 +19,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
-from transformers import TrainingArguments
 
+import dowser
 from dowser.hf import load_model
 from dowser.mask import Mask
-from dowser.train.data import Collator, SupervisedDataset, load_examples
-from dowser.train.distributed import flat_offset, local, shard_like
-from dowser.train.trainer import DowserTrainer
+from dowser.train.distributed import exit_process, flat_offset, local, shard_like
 
 
-def main() -> None:
-    model_dir, mask_path, data, out, mode, optimizer = sys.argv[1:7]
-    out = Path(out)
-    torch.manual_seed(0)
-    model, tokenizer, _ = load_model(model_dir)
-    mask = Mask.load(mask_path, model=model)
+def trainer_run(model, tokenizer, mask, data: str, out: Path, mode: str, optimizer: str):
+    from transformers import TrainingArguments
+
+    from dowser.train.data import Collator, SupervisedDataset, load_examples
+    from dowser.train.trainer import DowserTrainer
+
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=2,
@@ -54,11 +55,39 @@ def main() -> None:
         data_collator=Collator(pad_token_id=0),
     )
     trainer.train()
+    return trainer
 
-    # every rank: its own part of each masked weight against the same part of the base
-    base_model, _, _ = load_model(model_dir)
-    base = {n: p.detach() for n, p in base_model.named_parameters()}
-    params = dict(trainer.model.named_parameters())
+
+def loop_run(model, mask, optimizer: str) -> None:
+    """fully_shard by hand, then dowser's optimizer or gradient masking: three steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if optimizer == "sparse-adamw":
+        dowser.prepare_model(model, mask)
+        opt = dowser.SparseAdamW(model, mask, lr=1e-2, weight_decay=0.1)
+    else:
+        gm = dowser.mask_gradients(model, mask)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+        gm.attach(opt)  # weight decay: frozen entries restored after each step
+    g = torch.Generator().manual_seed(dist.get_rank())  # each rank its own data
+    vocab = model.config.vocab_size
+    for _ in range(3):
+        ids = torch.randint(3, vocab, (2, 12), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad()
+
+
+def check_parts(model, mask, base: dict) -> dict:
+    """Each masked weight's local part against the same part of the base weights."""
+    params = dict(model.named_parameters())
     report = {"sharded": 0, "frozen_checked": 0, "frozen_changed": 0, "trainable_changed": 0}
     report["blocks_match"] = True
     for name in mask:
@@ -75,10 +104,28 @@ def main() -> None:
             start = flat_offset(p)
             flat = whole.reshape(-1)[start : start + now.numel()]
             report["blocks_match"] &= bool(torch.equal(flat, now.reshape(-1)))
-    rank = dist.get_rank()
-    (out / f"rank{rank}.json").write_text(json.dumps(report))
-    trainer.save_merged(out / "merged", preprocessors=[tokenizer])
-    trainer.save_delta(out / "delta.safetensors")
+    return report
+
+
+def main() -> None:
+    model_dir, mask_path, data, out, mode, optimizer = sys.argv[1:7]
+    out = Path(out)
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_model(model_dir)
+    mask = Mask.load(mask_path, model=model)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if mode == "loop":
+        dist.init_process_group("gloo")
+        loop_run(model, mask, optimizer)
+        report = check_parts(model, mask, base)
+    else:
+        trainer = trainer_run(model, tokenizer, mask, data, out, mode, optimizer)
+        report = check_parts(trainer.model, mask, base)
+        trainer.save_merged(out / "merged", preprocessors=[tokenizer])
+        trainer.save_delta(out / "delta.safetensors")
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+    dist.barrier()
+    exit_process(0)  # Python's own exit can abort or hang on gloo's threads
 
 
 if __name__ == "__main__":

@@ -143,6 +143,9 @@ def test_torchrun_equals_one_process(setup, checkpoint_dirs, capsys, mode, optim
     assert moved > 0.5 * sum(int(m.sum()) for m in mask.values())
     untouched = [n for n in got if n not in mask and "norm" not in n]
     assert untouched and all(torch.equal(got[n], base[n]) for n in untouched)
+    # the Trainer's checkpoint (end of the epoch) loads in one process, whole
+    last = sorted((out / "checkpoints").glob("checkpoint-*"))[-1]
+    assert all(torch.equal(p, got[n]) for n, p in weights(last).items())
     # the delta, written once by rank 0, rebuilds the output from the base
     model, _, _ = load_model(checkpoint_dirs[arch])
     apply_delta(model, out / "delta.safetensors")
@@ -150,17 +153,27 @@ def test_torchrun_equals_one_process(setup, checkpoint_dirs, capsys, mode, optim
         assert torch.equal(p.detach(), got[name]), name
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "accelerate-fsdp"])
-def test_every_rank_keeps_its_frozen_entries(setup, checkpoint_dirs, mode):
+@pytest.mark.parametrize(
+    "mode,optimizer",
+    [
+        ("ddp", "sparse-adamw"),
+        ("fsdp", "masked-adamw"),
+        ("accelerate-fsdp", "sparse-adamw"),
+        ("loop", "sparse-adamw"),
+        ("loop", "masked-adamw"),
+    ],
+)
+def test_every_rank_keeps_its_frozen_entries(setup, checkpoint_dirs, mode, optimizer):
     """The Python API under torchrun; each rank checks the part of each weight it holds.
-    accelerate-fsdp: FSDP asked for by accelerate's environment, not TrainingArguments."""
-    out = setup / f"api-{mode}"
+    accelerate-fsdp: FSDP asked for by accelerate's environment, not TrainingArguments;
+    loop: a plain PyTorch loop over a model sharded with fully_shard by hand."""
+    out = setup / f"api-{mode}-{optimizer}"
     out.mkdir()
     mask_path = setup / "llama.mask.safetensors"
     data = setup / "llama.jsonl"
     env = ACCELERATE_FSDP if mode == "accelerate-fsdp" else None
     ckpt = checkpoint_dirs["llama"]
-    torchrun(WORKER, ckpt, mask_path, data, out, mode, "sparse-adamw", env=env)
+    torchrun(WORKER, ckpt, mask_path, data, out, mode, optimizer, env=env)
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     mask = dowser.Mask.load(mask_path)
     frozen = sum(int((~m).sum()) for m in mask.values())
@@ -172,8 +185,10 @@ def test_every_rank_keeps_its_frozen_entries(setup, checkpoint_dirs, mode):
     else:  # each rank holds a block of rows of every weight: together, each entry once
         assert all(r["sharded"] == len(mask) for r in reports)
         assert sum(r["frozen_checked"] for r in reports) == frozen
+    if mode == "loop":
+        return
     assert (out / "merged" / "model.safetensors").is_file()
-    model, _, _ = load_model(checkpoint_dirs["llama"])
+    model, _, _ = load_model(ckpt)
     apply_delta(model, out / "delta.safetensors")
     merged = weights(out / "merged")
     assert all(torch.equal(p.detach(), merged[n]) for n, p in model.named_parameters())

@@ -598,15 +598,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         _silence_progress_bars()
+    code = 0
     try:
         args.func(args)
     except DowserError as e:
         print(f"dowser {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print(f"dowser {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        code = 130
+    if "torch.distributed" in sys.modules:  # a torchrun process: leave without teardown
+        from dowser.train.distributed import exit_process
+
+        exit_process(code)
+    return code
 
 
 if __name__ == "__main__":

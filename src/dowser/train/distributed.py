@@ -11,6 +11,8 @@ and `barrier` communicate; every rank must call them together.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Mapping
 
 import torch
@@ -105,6 +107,22 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if world_size() > 1:
         dist.barrier()
+
+
+def exit_process(code: int) -> None:
+    """End a process of a distributed run at once, once its work is done and written.
+
+    Python's normal exit tears down the communication threads of an open process group in
+    an order that can abort the process ("terminate called without an active exception"),
+    and `destroy_process_group` can deadlock: gloo joins a thread that waits for the GIL
+    to release a tensor. Command-line runs under torchrun therefore leave with os._exit,
+    after flushing their output. Outside a process group this does nothing.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def mean_over_ranks(value: float) -> float:

@@ -90,7 +90,8 @@ def run_train(args: argparse.Namespace) -> Path:
         raise DowserError(f"{args.model_dir} has no tokenizer or processor to encode the data")
     dataset = SupervisedDataset(examples, pre, max_length=args.max_length)
     if not args.no_data_check:
-        dataset.check(progress=not args.quiet)  # every image opened, every prompt measured
+        # every image opened, every prompt measured (by every rank: one bar, rank 0's)
+        dataset.check(progress=not args.quiet and os.environ.get("RANK", "0") == "0")
     tok = getattr(pre, "tokenizer", pre)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,6 +126,7 @@ def run_train(args: argparse.Namespace) -> Path:
     if args.save_delta:
         trainer.save_delta(out / "delta.safetensors", overwrite=True)
     loss = mean_over_ranks(result.training_loss)  # each rank averaged its own batches
+    barrier()  # every rank is done with the files
     if is_main_process():
         ranks = f" on {world_size()} processes" if world_size() > 1 else ""
         print(
