@@ -481,3 +481,61 @@ def test_a_corrupt_cached_model_is_a_clear_error(data_env, prep, tmp_path):
     (path / "model.safetensors").write_bytes(b"not a model")
     with pytest.raises(DowserError, match="delete that directory"):
         prepare(TINY, cache=cache, progress=False)
+
+
+# --- the estimator study --------------------------------------------------------------------------
+
+
+def test_spearman():
+    from dowser.forgetting.estimators import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(np.sqrt(3) / 2)  # ties: mean ranks
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_cli_bench_estimators(data_env, tmp_path, capsys, monkeypatch):
+    from dowser.forgetting import estimators as E
+
+    methods = ("dowser", "dowser-gradient", "dowser-tokenwise", "random-mask")
+    study = E.StudyConfig(
+        replace(
+            TINY,
+            downstream=("digits", "wordnet-topic"),
+            sweep_tasks=("digits",),
+            methods=("zero-shot", "full-ft", *methods),
+            depth_methods=("dowser", "dowser-activation", "random-mask"),
+            ratio_methods=("dowser-log-probs", "random-mask"),
+        ),
+        kl_examples=8,
+        kl_draws=2,
+    )
+    monkeypatch.setitem(E.PRESETS, "quick", study)
+    out = tmp_path / "est"
+    code, stdout, _ = _cli(["bench", "estimators", "--quick", "--out", out, "--quiet"], capsys)
+    assert code == 0 and "Spearman" in stdout
+    for name in ("estimators.json", "estimators.md", "estimators-kl.png", "estimators-h.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "estimators.json").read_text())
+    where = [(s["task"], s["last_layers"], s["update_ratio"]) for s in summary["settings"]]
+    assert where == [("digits", 2, 0.1), ("digits", 1, 0.1), ("digits", 2, 0.5)] + [
+        ("wordnet-topic", 2, 0.1)
+    ]
+    first = summary["settings"][0]["methods"]
+    assert set(first) == set(methods)
+    for m in first.values():
+        assert m["kl"]["n"] == m["kl_absolute"]["n"] == 2  # draws (x seeds for random-mask)
+        assert m["kl"]["mean"] > 0 and m["forgetting"]["n"] == 1
+        assert len(m["frontier"]) == len(TINY.lrs)
+    # random masks are far from the model's important weights: their KL is the largest
+    assert max(first, key=lambda n: first[n]["kl_absolute"]["mean"]) == "random-mask"
+    ranking = [r["h_score"] for r in summary["ranking"]]
+    assert ranking == sorted(ranking, reverse=True)
+    rho = summary["spearman"]["kl"]
+    assert rho is None or -1 <= rho <= 1
+    n = len((out / "runs.jsonl").read_text().splitlines())
+    code, _, _ = _cli(
+        ["bench", "estimators", "--quick", "--out", out, "--quiet", "--resume"], capsys
+    )
+    assert code == 0 and len((out / "runs.jsonl").read_text().splitlines()) == n

@@ -7,6 +7,7 @@
     dowser inspect FILE                                  # what a scores or mask file holds
     dowser demo --out DIR                                # forgetting demo on a built-in VLM
     dowser bench forgetting --out DIR [--quick]          # the full forgetting benchmark
+    dowser bench estimators --out DIR [--quick]          # which importance estimator is best
 
 User errors print one line and exit with status 2; existing files are never replaced unless
 --overwrite is given, and outputs are written atomically.
@@ -149,9 +150,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--estimator",
-        choices=["mean-abs", "rms"],
+        choices=[
+            "mean-abs",
+            "reference",
+            "rms",
+            "tokenwise",
+            "gradient",
+            "activation",
+            "wanda",
+            "magnitude",
+        ],
         default="mean-abs",
-        help="mean-abs: mean |d(xi^T f)/dz| as the reference scripts; rms: the paper's root mean square",
+        help="mean-abs (= reference): the released scripts' mean |d(xi^T f)/dz| (default); "
+        "rms: the paper's "
+        "root mean square; tokenwise: |g_t||h_t| per token; gradient: exact per-weight "
+        "sqrt(E[(d(xi^T f)/dW)^2]) (tokenwise and gradient keep a dense fp32 matrix per "
+        "weight); activation, wanda, magnitude: no Jacobian term (see README)",
+    )
+    p.add_argument(
+        "--output",
+        choices=["logits", "log-probs"],
+        default="logits",
+        help="f: the logits (reference) or their log-softmax",
+    )
+    p.add_argument(
+        "--positions",
+        choices=["last", "all"],
+        default="last",
+        help="f at each sample's last valid token (reference) or at every valid token",
     )
     p.add_argument(
         "--images",
@@ -410,6 +436,23 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="keep the runs already in --out")
     _bench_options(f)
     f.set_defaults(func=_cmd_bench_forgetting)
+    e = bsub.add_parser(
+        "estimators",
+        help="which importance estimator keeps the most (frontiers, a training-free measure)",
+        description=(
+            "Train masks from every dowser.probe estimator (plus magnitude and random) on the "
+            "forgetting benchmark at several depths and ratios, measure each mask's KL under "
+            "noise on its trainable entries, and write estimators.json, estimators.md and "
+            "plots (besides the benchmark's results) to --out; --resume continues."
+        ),
+    )
+    e.add_argument("--out", default="estimators-out", help="output directory")
+    e_size = e.add_mutually_exclusive_group()
+    e_size.add_argument("--quick", action="store_true", help="one seed, one learning rate")
+    e_size.add_argument("--preset", choices=("quick", "full"), default=None, help="default: full")
+    e.add_argument("--resume", action="store_true", help="keep the runs already in --out")
+    _bench_options(e)
+    e.set_defaults(func=_cmd_bench_estimators)
     return parser
 
 
@@ -454,6 +497,8 @@ def _cmd_probe(args: argparse.Namespace) -> None:
         num_probes=args.num_probes,
         seq_len=args.seq_len,
         estimator=args.estimator,
+        output=args.output,
+        positions=args.positions,
         images=args.images,
         layers=args.layers,
         include_lm_head=not args.no_lm_head,
@@ -537,6 +582,8 @@ def describe_file(path: str | Path) -> str:
             groups[t.group] = groups.get(t.group, 0) + 1
         keys = (
             "estimator",
+            "output",
+            "positions",
             "synthetic",
             "num_samples",
             "num_batches",
@@ -576,6 +623,19 @@ def _cmd_bench_forgetting(args: argparse.Namespace) -> None:
     preset = "quick" if args.quick else (args.preset or "full")
     run_preset(
         preset,
+        Path(args.out),
+        overwrite=args.overwrite,
+        resume=args.resume,
+        cache=args.cache,
+        progress=not args.quiet,
+    )
+
+
+def _cmd_bench_estimators(args: argparse.Namespace) -> None:
+    from dowser.demo import run_estimators
+
+    run_estimators(
+        "quick" if args.quick else (args.preset or "full"),
         Path(args.out),
         overwrite=args.overwrite,
         resume=args.resume,

@@ -74,6 +74,35 @@ def run_preset(
     return result
 
 
+def run_estimators(
+    preset: str,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """The estimator study's `preset` into `out`; print and return its summary."""
+    from dowser.forgetting.estimators import PRESETS, markdown, run_study
+
+    _check_missing_packages()
+    out = Path(out)
+    _prepare_out(out, overwrite=overwrite, resume=resume, can_resume=True)
+    summary = run_study(
+        PRESETS[preset],
+        out,
+        resume=resume,
+        overwrite=overwrite,
+        cache=Path(cache) if cache else None,
+        progress=progress,
+    )
+    print()
+    print(markdown(summary))
+    print(f"wrote {out}/estimators.json, {out}/estimators.md and {', '.join(summary['plots'])}")
+    return summary
+
+
 def run_demo(
     out: Path,
     *,

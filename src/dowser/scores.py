@@ -7,8 +7,10 @@ psi_k (d_out) a sensitivity vector, a_k (d_in) a mean |input| vector, w_k the nu
     S = |W| * (sum_k w_k psi_k a_k^T) / sum_k w_k            (d_out, d_in), float32
 
 a rank-K sum of outer products, so nothing dense is stored: a file holds the vectors plus
-metadata, and `dense(name)` forms one matrix when asked. Conv1D weights (stored d_in x d_out)
-get their score in the same (transposed) layout as the parameter.
+metadata, and `dense(name)` forms one matrix when asked. The estimators that are not a
+product of separate means ("tokenwise", "gradient") keep the whole factor matrix instead
+(`Factors.full`, d_out x d_in float32: the size of the weight in fp32). Conv1D weights
+(stored d_in x d_out) get their score in the same (transposed) layout as the parameter.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ class Factors:
     psi: torch.Tensor  # (K, d_out) float32 sensitivities
     act: torch.Tensor  # (K, d_in) float32 mean |h|
     weight: torch.Tensor  # (K,) float32, observations behind each row
+    full: torch.Tensor | None = None  # (d_out, d_in) float32: the factor itself, when not rank-K
 
     def outer(self) -> torch.Tensor:
-        """(sum_k w_k psi_k a_k^T) / sum_k w_k, shape (d_out, d_in), float32."""
+        """(sum_k w_k psi_k a_k^T) / sum_k w_k, shape (d_out, d_in), float32 (or `full`)."""
+        if self.full is not None:
+            return self.full
         w = self.weight / self.weight.sum()
         return (self.psi * w[:, None]).T @ self.act
 
@@ -144,6 +149,8 @@ class Scores:
             tensors[f"{name}::psi"] = f.psi
             tensors[f"{name}::act"] = f.act
             tensors[f"{name}::weight"] = f.weight
+            if f.full is not None:
+                tensors[f"{name}::full"] = f.full
         meta = {
             **self.meta,
             "kind": "scores",
@@ -163,14 +170,20 @@ class Scores:
             targets = {n: Target(**t) for n, t in meta.pop("targets").items()}
             fingerprints = dict(meta.pop("fingerprints"))
             factors = {
-                n: Factors(tensors[f"{n}::psi"], tensors[f"{n}::act"], tensors[f"{n}::weight"])
+                n: Factors(
+                    tensors[f"{n}::psi"],
+                    tensors[f"{n}::act"],
+                    tensors[f"{n}::weight"],
+                    tensors.get(f"{n}::full"),
+                )
                 for n in targets
             }
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise corrupt(path, e) from None
         for n, f in factors.items():
             t = targets[n]
-            if f.psi.shape[-1] != t.out_features or f.act.shape[-1] != t.in_features:
+            full_ok = f.full is None or tuple(f.full.shape) == (t.out_features, t.in_features)
+            if f.psi.shape[-1] != t.out_features or f.act.shape[-1] != t.in_features or not full_ok:
                 raise DowserError(f"{path} is corrupt: factor shapes of {n} do not match")
         scores = cls(factors, targets, meta, fingerprints)
         if model is not None:

@@ -346,11 +346,13 @@ def run_benchmark(
     cache: Path | None = None,
     progress: bool = True,
     log=print,
+    prepared: Prepared | None = None,
 ) -> dict:
     """Run every phase, write OUT/runs.jsonl, results.json, results.md and the plots.
 
     An existing OUT/runs.jsonl is continued with `resume`, replaced with `overwrite` (once the
     data and the model are ready, so a failed start loses nothing), else refused.
+    `prepared`: the data and model of `prepare(config)`, when the caller already has them.
     """
     from dowser.forgetting.report import summarize, write_report
 
@@ -364,7 +366,7 @@ def run_benchmark(
         raise DowserError(f"{runs_path} exists; resume it or allow overwriting")
     done = {_key(r) for r in records}
     t0 = time.perf_counter()
-    prep = prepare(config, cache=cache, progress=progress)
+    prep = prepared or prepare(config, cache=cache, progress=progress)
     if not resume:
         runs_path.unlink(missing_ok=True)
     log(
@@ -407,6 +409,7 @@ def run_benchmark(
     result["config"] = _jsonable(asdict(config))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_report(result, records, out)
+    result["runs"] = records
     return result
 
 

@@ -12,6 +12,10 @@ learning rate, on the same decoder matrices (q/k/v/o/gate/up/down of the last N 
     wanda-mask      the rho smallest |W| * ||h|| entries, h from the downstream training data
     dowser          the rho lowest Dowser scores (probed without data, mean-abs estimator)
     dowser-rms      the same with the paper's root-mean-square estimator
+    dowser-tokenwise, dowser-gradient, dowser-all-positions, dowser-log-probs,
+    dowser-activation, dowser-wanda
+                    the other estimators of `dowser.probe` (the estimator study,
+                    `dowser bench estimators`; see PROBED)
     dowser-data     (analysis only) dowser probed on the pretraining data instead of
                     self-generated inputs: what the synthetic probe costs
     spider          full-ft with SPIDER's per-step interpolation back towards W0
@@ -57,10 +61,21 @@ METHODS: tuple[str, ...] = (
     "dare",
     "grafting",
 )
-MASKED = ("random-mask", "magnitude-mask", "wanda-mask", "dowser", "dowser-rms", "dowser-data")
+# masks probed by dowser.probe: method -> its arguments (dowser-data: on the pretraining mix)
+PROBED = {
+    "dowser": {"estimator": "mean-abs"},
+    "dowser-rms": {"estimator": "rms"},
+    "dowser-tokenwise": {"estimator": "tokenwise"},
+    "dowser-gradient": {"estimator": "gradient"},
+    "dowser-all-positions": {"estimator": "mean-abs", "positions": "all"},
+    "dowser-log-probs": {"estimator": "mean-abs", "output": "log-probs"},
+    "dowser-activation": {"estimator": "activation"},
+    "dowser-wanda": {"estimator": "wanda"},
+    "dowser-data": {"estimator": "mean-abs"},
+}
+MASKED = ("random-mask", "magnitude-mask", "wanda-mask", *PROBED)
 MERGED = ("model-tailor", "dare", "grafting")
 ANALYSIS = ("dowser-data",)  # rows for finding out why, not among the compared methods
-ESTIMATOR = {"dowser": "mean-abs", "dowser-rms": "rms", "dowser-data": "mean-abs"}
 # learning-rate grid factor: a masked step changes rho = 0.1 of the entries (bench doc)
 LR_SCALE = {m: 10.0 for m in MASKED} | {"lora": 3.0}
 TAILOR_EXAMPLES = 512  # downstream training examples for Model Tailor's input covariance
@@ -129,7 +144,7 @@ class ScoreBank:
                 }
                 for i in range(0, n, batch)
             ]
-        return probe(self.base, processor=self.processor, estimator=ESTIMATOR[method], **kwargs)
+        return probe(self.base, processor=self.processor, **PROBED[method], **kwargs)
 
 
 def tuned_mask(model: nn.Module, setting: Setting, scores: Scores | None = None) -> Mask:

@@ -3,6 +3,12 @@
 Per forward pass:  a = mean |h| over valid tokens                      (d_in,)
 Per backward pass: psi = mean |dL/dz| or mean (dL/dz)^2 over tokens    (d_out,)
 
+or, for the estimators that do not factor into separate means (`dense`), per backward pass
+with g_t = dL/dz_t and h_t the inputs of the same forward (valid tokens t only):
+
+    "tokenwise": sum_t |g_t| |h_t|^T                                     (d_out, d_in)
+    "gradient":  (sum_t g_t h_t^T)^2, the square of dL/dW itself          (d_out, d_in)
+
 Gradients are taken only with respect to layer outputs, never parameters: every parameter is
 set to requires_grad=False for the duration, and each target's output gets `+ zero`, a 0-dim
 leaf that requires grad, so that one `torch.autograd.grad(scalar, zero)` walks the whole graph
@@ -48,6 +54,7 @@ class TokenMask:
         self.mask = mask
         self.count = int(mask.sum()) if mask is not None else 0
         self._float: dict[torch.device, torch.Tensor] = {}
+        self._index: dict[torch.device, torch.Tensor] = {}
 
     def sum(self, x: torch.Tensor, *, masked: bool = True) -> tuple[torch.Tensor, int]:
         """Sum of x over all leading dims (float32) and the number of rows summed.
@@ -67,6 +74,19 @@ class TokenMask:
         flat = x.reshape(-1, x.shape[-1])
         return flat.sum(0, dtype=torch.float32), flat.shape[0]
 
+    def rows(self, x: torch.Tensor, *, masked: bool = True) -> torch.Tensor:
+        """The valid tokens' rows of x as (N, d) float32 (all rows where `sum` takes all)."""
+        fits = (
+            self.mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(self.mask.shape)
+        )
+        if masked and fits:
+            idx = self._index.get(x.device)
+            if idx is None:  # flat positions of valid tokens, once per device (no GPU sync)
+                flat = self.mask.reshape(-1).nonzero().squeeze(1)
+                idx = self._index[x.device] = flat.to(x.device)
+            return x.reshape(-1, x.shape[-1]).index_select(0, idx).float()
+        return x.reshape(-1, x.shape[-1]).float()
+
 
 class Recorder:
     """Collects activation and output-gradient statistics for `targets` (see module doc).
@@ -75,9 +95,24 @@ class Recorder:
     the hooks. Before each forward set `tokens = TokenMask(attention_mask)`.
     """
 
-    def __init__(self, targets: Sequence[Target], square: bool):
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        square: bool,
+        *,
+        dense: str | None = None,
+        grads: bool = True,
+        square_acts: bool = False,
+    ):
         self.targets = list(targets)
+        self.square_acts = square_acts  # accumulate h^2 (wanda) instead of |h|
+        # dense estimators: one running (d_out, d_in) sum per target over the whole probe
+        # (kept across batches, so one accumulator per weight ever lives), and its count
+        self.dense_sums: dict[str, torch.Tensor] = {}
+        self.dense_counts: dict[str, int] = {t.module: 0 for t in self.targets}
         self.square = square  # accumulate g^2 (rms) instead of |g| (mean-abs)
+        self.dense = dense  # None, "tokenwise" or "gradient" (see module doc)
+        self.grads = grads  # False: activations only, no output gradients
         self.stats = {t.module: Stats() for t in self.targets}
         self.tokens = TokenMask()
         # the leaves every output hangs from, one per device (no cross-device grads)
@@ -89,32 +124,53 @@ class Recorder:
         return self.zeros[device]
 
     def forward_hook(self, target: Target):
-        want_grad = target.group != "lm_head"  # the reference fixes the head's psi to 1
+        # the reference fixes the head's psi to 1
+        want_grad = self.grads and target.group != "lm_head"
         masked = is_text_layer(target)
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor):
             stats = self.stats[target.module]  # looked up per call: reset() replaces it
             h = args[0] if args else None
             if isinstance(h, torch.Tensor):
-                s, n = self.tokens.sum(h.detach().abs(), masked=masked)
+                h_stat = h.detach().float().square() if self.square_acts else h.detach().abs()
+                s, n = self.tokens.sum(h_stat, masked=masked)
                 stats.act_sum = s if stats.act_sum is None else stats.act_sum + s
                 stats.act_n += n
             if not want_grad or not torch.is_grad_enabled():
                 return None
+            inputs = None  # this call's inputs, for the dense estimators' per-token products
+            if self.dense and isinstance(h, torch.Tensor):
+                inputs = self.tokens.rows(h.detach(), masked=masked)
+                inputs = inputs.abs() if self.dense == "tokenwise" else inputs
             output = output + self._zero(output.device)  # 0-dim: keeps the output dtype
-            output.register_hook(self.grad_hook(stats, masked))
+            output.register_hook(self.grad_hook(stats, masked, target.module, inputs))
             return output
 
         return hook
 
-    def grad_hook(self, stats: Stats, masked: bool):
+    def grad_hook(self, stats: Stats, masked: bool, module: str, inputs: torch.Tensor | None):
         def hook(g: torch.Tensor):
             g = g.detach()
+            if self.dense:
+                self._dense(module, self.tokens.rows(g, masked=masked), inputs)
+                return
             s, n = self.tokens.sum(g * g if self.square else g.abs(), masked=masked)
             stats.grad_sum = s if stats.grad_sum is None else stats.grad_sum + s
             stats.grad_n += n
 
         return hook
+
+    def _dense(self, module: str, g: torch.Tensor, h: torch.Tensor) -> None:
+        """Fold one probe's (N, d_out) output gradients, with the (N, d_in) inputs of the
+        same call, into the module's dense sum."""
+        if self.dense == "tokenwise":
+            term, n = g.abs().T @ h, g.shape[0]  # sum_t |g_t| |h_t|^T
+        else:
+            grad_w = g.T @ h  # dL/dW = sum_t g_t h_t^T
+            term, n = grad_w.square_(), 1
+        total = self.dense_sums.get(module)
+        self.dense_sums[module] = term if total is None else total.add_(term)
+        self.dense_counts[module] += n
 
     def backward(self, scalar: torch.Tensor, *, retain_graph: bool) -> None:
         """One probe: fire every output hook with d(scalar)/dz."""
@@ -124,17 +180,24 @@ class Recorder:
         torch.autograd.grad(scalar, leaves, retain_graph=retain_graph, allow_unused=True)
 
     def reset(self) -> None:
-        """Forget the sums (between batches, after they were read)."""
+        """Forget the per-batch sums (between batches, after they were read); the dense
+        sums run over the whole probe."""
         for t in self.targets:
             self.stats[t.module] = Stats()
 
 
 @contextmanager
 def recording(
-    model: nn.Module, targets: Sequence[Target], *, square: bool = False
+    model: nn.Module,
+    targets: Sequence[Target],
+    *,
+    square: bool = False,
+    dense: str | None = None,
+    grads: bool = True,
+    square_acts: bool = False,
 ) -> Iterator[Recorder]:
     """Register the recorder's hooks and freeze every parameter; undo both on exit, even on error."""
-    recorder = Recorder(targets, square)
+    recorder = Recorder(targets, square, dense=dense, grads=grads, square_acts=square_acts)
     modules = dict(model.named_modules())
     handles = []
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]

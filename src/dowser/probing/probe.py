@@ -5,19 +5,32 @@ valid position, (B, V). Per batch one forward pass serves all `num_probes` Hutch
 each draws Rademacher xi (B, V) and backpropagates the scalar xi^T f (summed over samples)
 to every target's output z only, never to parameters.
 
-Estimators of the sensitivity psi (d_out) of z:
-- "mean-abs" (the reference scripts): psi = mean over samples and tokens of |d(xi^T f)/dz|,
-  with the scalar divided by the batch size B as the reference does; one psi per (batch,
-  probe), paired with that batch's a = mean |h|; S averages psi a^T over all pairs.
-- "rms" (the paper's equation): psi = sqrt(mean over samples, tokens and probes of
-  (d(xi^T f)/dz)^2), which converges to sqrt(mean_t ||J_t||^2) per output unit since
-  E[(xi^T J)^2] = ||J||^2; a = mean |h| over all tokens; S = |W| * psi a^T.
+Estimators (g_t = d(xi^T f)/dz_t, h_t the input, at valid token t; S = |W| * C):
+- "mean-abs" (the reference scripts, the default; also named "reference"): psi = mean over samples and tokens of
+  |g_t|, with the scalar divided by the batch size B as the reference does; one psi per
+  (batch, probe), paired with that batch's a = mean |h|; C averages psi a^T over all pairs.
+- "rms" (the paper's equation): psi = sqrt(mean over samples, tokens and probes of g_t^2),
+  which converges to sqrt(mean_t ||J_t||^2) per output unit since E[(xi^T J)^2] = ||J||^2;
+  a = mean |h| over all tokens; C = psi a^T.
+- "tokenwise": C = mean over tokens and probes of |g_t| |h_t|^T: the product is taken per
+  token before averaging (still a sum of outer products, but kept dense: d_out x d_in fp32).
+- "gradient": C = sqrt(mean over batches and probes of (sum_t g_t h_t^T)^2), the root mean
+  square of d(xi^T f)/dW itself: the exact first-order per-weight sensitivity (its
+  expectation over xi is sum over samples of ||J_s,ij||^2). Dense, d_out x d_in fp32.
+- "activation": C = 1 a^T, a = mean |h| (no J term: what the J term adds, measured).
+- "wanda": C = 1 a^T, a = sqrt(mean h^2) (Wanda's |W| ||h||, on the synthetic inputs).
+- "magnitude": C = 1 (|W| alone; no forward pass).
 The output head, when probed, gets psi = 1 (the reference).
+
+f: `output` "logits" or "log-probs" (log-softmax: the sensitivity of the predicted
+distribution), at `positions` "last" (each sample's last valid token, the reference) or
+"all" (every valid token; the probe scalar sums over them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +45,41 @@ from dowser.scores import Factors, Scores
 from dowser.targets import Target, select_targets
 from dowser.version import __version__
 
-ESTIMATORS = ("mean-abs", "rms")
+ESTIMATORS = (
+    "mean-abs",
+    "reference",  # the same as mean-abs: the released scripts' estimator, by that name
+    "rms",
+    "tokenwise",
+    "gradient",
+    "activation",
+    "wanda",
+    "magnitude",
+)
+OUTPUTS = ("logits", "log-probs")
+POSITIONS = ("last", "all")
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What an estimator gathers (see the module doc)."""
+
+    grads: bool  # backpropagate probes (False: no J term)
+    square_grads: bool = False  # rms: mean g^2 rather than mean |g|
+    square_acts: bool = False  # wanda: mean h^2 rather than mean |h|
+    dense: str | None = None  # "tokenwise" / "gradient": a d_out x d_in statistic
+    per_batch: bool = False  # mean-abs: one (psi, a) pair per batch, as the reference
+
+
+SPECS = {
+    "mean-abs": _Spec(grads=True, per_batch=True),
+    "reference": _Spec(grads=True, per_batch=True),
+    "rms": _Spec(grads=True, square_grads=True),
+    "tokenwise": _Spec(grads=True, dense="tokenwise"),
+    "gradient": _Spec(grads=True, dense="gradient"),
+    "activation": _Spec(grads=False),
+    "wanda": _Spec(grads=False, square_acts=True),
+    "magnitude": _Spec(grads=False),
+}
 
 
 def probe(
@@ -46,6 +93,8 @@ def probe(
     num_probes: int = 8,
     seq_len: int = 64,
     estimator: str = "mean-abs",
+    output: str = "logits",
+    positions: str = "last",
     images: str = "off",
     layers: str | list[str] | None = None,
     include_lm_head: bool = True,
@@ -66,12 +115,15 @@ def probe(
             (the user's data, any modality, encoder-decoder models).
         num_samples, batch_size, seq_len: synthetic data size (reference: 64, 4, 64).
         num_probes: Hutchinson probes per batch (reference: 8).
-        estimator: "mean-abs" (reference scripts) or "rms" (paper).
+        estimator: "mean-abs" (reference scripts), "rms" (paper), "tokenwise", "gradient"
+            (dense, exact per-weight), "activation", "wanda" or "magnitude" (module doc).
+        output: "logits" or "log-probs": f is the logits or their log-softmax.
+        positions: "last" (each sample's last valid token) or "all" valid tokens.
         images: "off" or "noise" (image placeholder + Gaussian-noise pixels).
         layers: None (language decoder), group names ("decoder,lm_head,encoder,vision,
             projector,all") or a regex over module paths.
         include_lm_head: also score the output head (psi = 1), unless tied to the embedding.
-        output_fn: maps the model outputs to f (B, V); default last-position logits.
+        output_fn: maps the model outputs to f (B, V), instead of `output` and `positions`.
         seed: seeds token draws, pixel noise, sampling and probe vectors.
         device / dtype: move / cast the model first (in place) when given. A model loaded
             with a device map (`from_pretrained(device_map="auto", ...)`, weights spread over
@@ -81,8 +133,15 @@ def probe(
     Returns:
         Scores bound to `model`; `scores.dense(name)` is S for parameter `name`.
     """
-    if estimator not in ESTIMATORS:
-        raise DowserError(f"estimator={estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+    for label, value, allowed in (
+        ("estimator", estimator, ESTIMATORS),
+        ("output", output, OUTPUTS),
+        ("positions", positions, POSITIONS),
+    ):
+        if value not in allowed:
+            raise DowserError(f"{label}={value!r}: choose one of {', '.join(allowed)}")
+    if output_fn is not None and (output, positions) != ("logits", "last"):
+        raise DowserError("output_fn replaces output= and positions=: give one or the other")
     for label, value in (
         ("num_samples", num_samples),
         ("batch_size", batch_size),
@@ -103,7 +162,9 @@ def probe(
     was_training = model.training
     model.eval()
     try:
-        if synthetic:
+        if estimator == "magnitude":
+            batches = []  # |W| alone: nothing to run
+        elif synthetic:
             batches = synthetic_batches(
                 model,
                 tokenizer=tokenizer,
@@ -118,13 +179,16 @@ def probe(
         total = len(batches) if hasattr(batches, "__len__") else None
         # probe vectors: their own stream, the same whether the batches were made or given
         generator = torch.Generator().manual_seed(seed)
-        run = _Run(targets, num_probes, estimator, output_fn, generator)
-        run.go(model, batches, device, progress, total)
+        run = _Run(targets, num_probes, estimator, generator, output_fn, (output, positions))
+        if estimator != "magnitude":
+            run.go(model, batches, device, progress, total)
     finally:
         model.train(was_training)
     meta = {
         "dowser_version": __version__,
         "estimator": estimator,
+        "output": "custom" if output_fn is not None else output,
+        "positions": "custom" if output_fn is not None else positions,
         "synthetic": synthetic,
         "num_samples": run.num_samples,
         "batch_size": batch_size if synthetic else None,
@@ -154,12 +218,7 @@ def peak_memory() -> dict[str, int]:
     return peaks
 
 
-def last_logits(outputs: Any, batch: dict) -> torch.Tensor:
-    """Logits at each sample's last valid position, (B, V).
-
-    The last valid position is the last 1 of the attention mask (left or right padding);
-    when no mask matches the logits (encoder-decoder, no mask), it is the last position.
-    """
+def _logits(outputs: Any) -> torch.Tensor:
     logits = outputs.logits if hasattr(outputs, "logits") else outputs
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
@@ -168,14 +227,47 @@ def last_logits(outputs: Any, batch: dict) -> torch.Tensor:
             "cannot find (B, T, V) logits in the model outputs; pass output_fn=... that maps "
             "the outputs to the (B, V) tensor to probe"
         )
+    return logits
+
+
+def _valid(logits: torch.Tensor, batch: dict) -> torch.Tensor | None:
+    """The (B, T) attention mask that goes with the logits, if there is one."""
     mask = batch.get("decoder_attention_mask", batch.get("attention_mask"))
+    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(logits.shape[:2]):
+        return mask
+    return None
+
+
+def last_logits(outputs: Any, batch: dict) -> torch.Tensor:
+    """Logits at each sample's last valid position, (B, V).
+
+    The last valid position is the last 1 of the attention mask (left or right padding);
+    when no mask matches the logits (encoder-decoder, no mask), it is the last position.
+    """
+    logits = _logits(outputs)
+    mask = _valid(logits, batch)
     b, t, _ = logits.shape
-    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == (b, t):
+    if mask is not None:
         # index of the last 1 in each row: T - 1 - (first 1 in the flipped row)
         last = t - 1 - mask.flip(1).to(torch.long).argmax(1)
     else:
         last = torch.full((b,), t - 1, dtype=torch.long)
     return logits[torch.arange(b, device=logits.device), last.to(logits.device)]
+
+
+def all_logits(outputs: Any, batch: dict) -> torch.Tensor:
+    """Logits at every valid position (attention mask 1; all positions without one), (N, V)."""
+    logits = _logits(outputs)
+    mask = _valid(logits, batch)
+    if mask is None:
+        return logits.reshape(-1, logits.shape[-1])
+    return logits[mask.to(logits.device).bool()]
+
+
+def probed_output(outputs: Any, batch: dict, output: str, positions: str) -> torch.Tensor:
+    """f, (N, V) float32: logits or log-probs at the last or all valid positions."""
+    f = (last_logits if positions == "last" else all_logits)(outputs, batch).float()
+    return torch.log_softmax(f, dim=-1) if output == "log-probs" else f
 
 
 def rademacher(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -187,23 +279,39 @@ class _Run:
     """The probing loop and the per-target accumulators it fills."""
 
     def __init__(
-        self, targets: list[Target], num_probes: int, estimator: str, output_fn, generator
+        self,
+        targets: list[Target],
+        num_probes: int,
+        estimator: str,
+        generator: torch.Generator,
+        output_fn: Callable | None = None,
+        output: tuple[str, str] = ("logits", "last"),
     ):
         self.targets = targets
         self.num_probes = num_probes
-        self.rms = estimator == "rms"
-        self.output_fn = output_fn
+        self.spec = SPECS[estimator]
         self.generator = generator
+        self.output_fn = output_fn
+        self.output = output
         self.num_batches = 0
         self.num_samples = 0
-        # mean-abs: one (psi, a) pair per batch; rms: running sums over everything
+        # mean-abs: one (psi, a) pair per batch; the others: running sums over everything
         self.rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {
             t.param: [] for t in targets
         }
         self.sums: dict[str, list] = {t.param: [0.0, 0, 0.0, 0] for t in targets}
+        self.dense: dict[str, list] = {t.param: [None, 0] for t in targets}
 
     def go(self, model, batches, device, progress, total) -> None:
-        with recording(model, self.targets, square=self.rms) as rec:
+        spec = self.spec
+        with recording(
+            model,
+            self.targets,
+            square=spec.square_grads,
+            dense=spec.dense,
+            grads=spec.grads,
+            square_acts=spec.square_acts,
+        ) as rec:
             for batch in tqdm(batches, total=total, desc="probing", disable=not progress):
                 if not isinstance(batch, dict):
                     raise DowserError(
@@ -214,23 +322,42 @@ class _Run:
                 self._batch(model, batch, rec)
                 self._collect(rec)
                 rec.reset()
+            if spec.dense:  # the whole probe's sums, read once
+                for t in self.targets:
+                    if t.group != "lm_head" and spec.grads:
+                        self.dense[t.param] = [
+                            rec.dense_sums.get(t.module),
+                            max(rec.dense_counts[t.module], 1),
+                        ]
         if self.num_batches == 0:
             raise DowserError("no probing batches: `batches` was empty")
 
     def _batch(self, model, batch: dict, rec: Recorder) -> None:
+        if not self.spec.grads:  # activations only
+            with torch.no_grad():
+                outputs = model(**batch)
+            self.num_batches += 1
+            self.num_samples += _samples(outputs, batch)
+            return
         with torch.enable_grad():
             outputs = model(**batch)
-            f = self.output_fn(outputs) if self.output_fn else last_logits(outputs, batch)
-            if not isinstance(f, torch.Tensor) or f.dim() != 2:
-                raise DowserError("output_fn must return a (B, V) tensor")
-            f = f.float()
-            # the reference backpropagates (sum_b xi_b^T f_b) / B; rms keeps per-sample scale
-            scale = 1.0 if self.rms else 1.0 / f.shape[0]
+            if self.output_fn is not None:
+                f = self.output_fn(outputs)
+                if not isinstance(f, torch.Tensor) or f.dim() != 2:
+                    raise DowserError("output_fn must return a (B, V) tensor")
+                f = f.float()
+                samples = f.shape[0]
+            else:
+                f = probed_output(outputs, batch, *self.output)
+                samples = _samples(outputs, batch)
+            # the reference backpropagates (sum_b xi_b^T f_b) / B; the others keep the
+            # per-sample scale (a constant factor per batch: no change to any ranking)
+            scale = 1.0 / samples if self.spec.per_batch else 1.0
             for k in range(self.num_probes):
                 xi = rademacher(tuple(f.shape), self.generator).to(f.device)
                 rec.backward((f * xi).sum() * scale, retain_graph=k < self.num_probes - 1)
         self.num_batches += 1
-        self.num_samples += f.shape[0]
+        self.num_samples += samples
 
     def _collect(self, rec: Recorder) -> None:
         for t in self.targets:
@@ -240,41 +367,68 @@ class _Run:
                     f"{t.module} was never called while probing; vision or encoder layers need "
                     'inputs that reach them (images="noise" or batches with pixel values)'
                 )
-            if t.group == "lm_head":  # psi = 1 (reference)
+            no_j = t.group == "lm_head" or not self.spec.grads  # psi = 1 (reference, or none)
+            if no_j:
                 grad_sum = torch.full((t.out_features,), float(st.act_n), device=st.act_sum.device)
                 grad_n = st.act_n
-            elif st.grad_sum is None:  # no path to f: zero sensitivity
+            elif st.grad_sum is None:  # no path to f (or a dense estimator): zero
                 grad_sum, grad_n = torch.zeros(t.out_features, device=st.act_sum.device), 1
             else:
                 grad_sum, grad_n = st.grad_sum, st.grad_n
-            if self.rms:
+            if self.spec.per_batch:
+                self.rows[t.param].append(
+                    ((grad_sum / grad_n).cpu(), (st.act_sum / st.act_n).cpu())
+                )
+            else:
                 acc = self.sums[t.param]
                 acc[0] = grad_sum.cpu() + acc[0]
                 acc[1] += grad_n
                 acc[2] = st.act_sum.cpu() + acc[2]
                 acc[3] += st.act_n
-            else:
-                self.rows[t.param].append(
-                    ((grad_sum / grad_n).cpu(), (st.act_sum / st.act_n).cpu())
-                )
 
     def factors(self) -> dict[str, Factors]:
-        out = {}
-        for t in self.targets:
-            if self.rms:
-                g, gn, a, an = self.sums[t.param]
-                psi = (
-                    (g / gn).sqrt()[None] if t.group != "lm_head" else torch.ones(1, t.out_features)
-                )
-                f = Factors(psi, (a / an)[None], torch.ones(1))
-            else:
-                psi, act = zip(*self.rows[t.param], strict=True)
-                w = torch.full((len(psi),), float(self.num_probes))
-                f = Factors(torch.stack(psi), torch.stack(act), w)
-            if not (torch.isfinite(f.psi).all() and torch.isfinite(f.act).all()):
-                raise DowserError(
-                    f"probing gave non-finite (NaN or inf) values for {t.param}: the model "
-                    "overflows in its dtype or its weights hold NaN; probe in float32 (--dtype float32)"
-                )
-            out[t.param] = f
-        return out
+        return {t.param: self._factors(t) for t in self.targets}
+
+    def _factors(self, t: Target) -> Factors:
+        spec = self.spec
+        ones = Factors(torch.ones(1, t.out_features), torch.ones(1, t.in_features), torch.ones(1))
+        if self.num_batches == 0:  # magnitude: C = 1
+            return ones
+        no_j = t.group == "lm_head" or not spec.grads
+        if spec.per_batch:
+            psi, act = zip(*self.rows[t.param], strict=True)
+            w = torch.full((len(psi),), float(self.num_probes))
+            f = Factors(torch.stack(psi), torch.stack(act), w)
+        elif spec.dense and not no_j:
+            total, n = self.dense[t.param]
+            if total is None:  # no path to f: zero sensitivity
+                total = torch.zeros(t.out_features, t.in_features)
+            full = (total / n).float().cpu()
+            f = Factors(
+                ones.psi, ones.act, ones.weight, full.sqrt() if spec.dense == "gradient" else full
+            )
+        else:
+            g, gn, a, an = self.sums[t.param]
+            psi = (
+                ones.psi if no_j else (g / gn).sqrt()[None] if spec.square_grads else (g / gn)[None]
+            )
+            act = (a / an).sqrt() if spec.square_acts else a / an
+            f = Factors(psi, act[None], torch.ones(1))
+        finite = torch.isfinite(f.psi).all() and torch.isfinite(f.act).all()
+        if not finite or (f.full is not None and not torch.isfinite(f.full).all()):
+            raise DowserError(
+                f"probing gave non-finite (NaN or inf) values for {t.param}: the model "
+                "overflows in its dtype or its weights hold NaN; probe in float32 (--dtype float32)"
+            )
+        return f
+
+
+def _samples(outputs: Any, batch: dict) -> int:
+    """Samples in a batch: rows of the logits (of input_ids when there are none)."""
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
+        return logits.shape[0]
+    ids = batch.get("input_ids")
+    return ids.shape[0] if isinstance(ids, torch.Tensor) else 1
