@@ -35,6 +35,7 @@ from dowser.eval.perturbation import perturbation_kl
 from dowser.forgetting.bench import BenchConfig, Prepared, prepare, run_benchmark
 from dowser.forgetting.encode import Encoded
 from dowser.forgetting.methods import Setting, tuned_mask
+from dowser.forgetting.report import _by, _stats
 
 STUDY: tuple[str, ...] = (
     "dowser",  # mean-abs, the default
@@ -244,13 +245,8 @@ def _setting_table(rows: list[dict], a_up0: float | None) -> dict:
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
-        by_lr: dict[float, list] = {}
-        for r in mine:
-            by_lr.setdefault(r["lr"], []).append(r)
-        points = {
-            lr: {k: _stats([r[k] for r in g]) for k in ("a_up", "a_down", "h_score")}
-            for lr, g in sorted(by_lr.items())
-        }
+        # rows hold one setting: grouping by learning rate is the forgetting report's
+        points = dict(sorted(_by(mine, method, mine[0]["phase"], "lr").items()))
         best = max(points, key=lambda lr: points[lr]["h_score"]["mean"])
         forgetting = None
         if a_up0 is not None:  # per seed: mean over the grid, then over seeds
@@ -265,11 +261,6 @@ def _setting_table(rows: list[dict], a_up0: float | None) -> dict:
             "forgetting": forgetting,
         }
     return table
-
-
-def _stats(values: list[float]) -> dict:
-    mean, se = mean_stderr(values)
-    return {"mean": mean, "se": se, "n": len(values)}
 
 
 def _correlation(tables: list[dict], key: str = "kl") -> float | None:

@@ -425,10 +425,8 @@ class _Run:
 
 def _samples(outputs: Any, batch: dict) -> int:
     """Samples in a batch: rows of the logits (of input_ids when there are none)."""
-    logits = outputs.logits if hasattr(outputs, "logits") else outputs
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
-        return logits.shape[0]
-    ids = batch.get("input_ids")
-    return ids.shape[0] if isinstance(ids, torch.Tensor) else 1
+    try:
+        return _logits(outputs).shape[0]
+    except DowserError:
+        ids = batch.get("input_ids")
+        return ids.shape[0] if isinstance(ids, torch.Tensor) else 1
