@@ -3,7 +3,7 @@
 Fashion-MNIST: gzip IDX files (16-byte image header, 8-byte label header), each class a bright
 bar at its own height so that a model can learn it. WordNet: data.{noun,verb,adj,adv} lines
 "offset lex_filenum ss_type w_cnt word lex_id p_cnt | definition; "example"" with words that
-hint at the class.
+hint at the class, and plain example sentences of 5 to 9 words (the speech track reads them).
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ def write_wordnet(root: Path, per_file: int = 240, seed: int = 0) -> Path:
             words = " ".join(rng.choice(_WORDS, size=3))
             topic = TOPICS.get(code, "")
             definition = f"{hint} {topic} {words}".replace("  ", " ")
+            example = " ".join(rng.choice(_WORDS, size=2 + k % 5))
             lines.append(
                 f"{10000000 + 97 * k:08d} {code} {pos} 01 word{k} 0 000 | {definition}; "
-                f'"the word{k} was here"  '
+                f'"the {example} thing was here"  '
             )
         (root / f"data.{part}").write_text("\n".join(lines) + "\n", encoding="latin-1")
     return root

@@ -45,7 +45,8 @@ def load_model(
     """(model, tokenizer, processor) from a local checkpoint directory.
 
     The model class is AutoModelForImageTextToText when the config is a vision-language one,
-    else AutoModelForCausalLM, else AutoModelForSeq2SeqLM. Only safetensors weights load.
+    else AutoModelForSpeechSeq2Seq (Whisper), else AutoModelForCausalLM, else
+    AutoModelForSeq2SeqLM. Only safetensors weights load.
     tokenizer / processor are None when the directory has none.
 
     device_map / max_memory / offload_folder: spread a model larger than one device over
@@ -61,6 +62,7 @@ def load_model(
         AutoModelForCausalLM,
         AutoModelForImageTextToText,
         AutoModelForSeq2SeqLM,
+        AutoModelForSpeechSeq2Seq,
     )
 
     path = Path(model_dir)
@@ -72,13 +74,21 @@ def load_model(
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise DowserError(f"cannot read {path / 'config.json'}: {_first_line(e)}") from None
-    for auto in (AutoModelForImageTextToText, AutoModelForCausalLM, AutoModelForSeq2SeqLM):
+    # speech before causal: Whisper's config also maps to a decoder-only WhisperForCausalLM
+    autos = (
+        AutoModelForImageTextToText,
+        AutoModelForSpeechSeq2Seq,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+    )
+    for auto in autos:
         if type(config) in auto._model_mapping:
             break
     else:
         raise DowserError(
-            f"{path}: model type {config.model_type!r} is neither a vision-language, causal nor "
-            "seq2seq language model; load it yourself and call dowser.probe(model, batches=...)"
+            f"{path}: model type {config.model_type!r} is neither a vision-language, causal, "
+            "speech nor seq2seq language model; load it yourself and call "
+            "dowser.probe(model, batches=...)"
         )
     if not any(path.glob("*.safetensors")):
         raise DowserError(

@@ -24,7 +24,7 @@ from torch import nn
 from dowser.errors import DowserError
 from dowser.fingerprint import model_fingerprints
 from dowser.mask import Mask, build_mask
-from dowser.probing.capture import TokenMask, is_text_layer
+from dowser.probing.capture import TokenMask, is_text_layer, text_mask
 from dowser.probing.synthetic import to_model
 from dowser.scores import Factors, Scores
 from dowser.targets import Target, select_targets
@@ -120,7 +120,7 @@ def wanda_scores(model: nn.Module, batches: Iterable[dict], layers: str | None =
         with _input_square_sums(model, targets) as rec:
             for batch in batches:
                 batch = to_model(batch, model, device)
-                rec["state"]["tokens"] = TokenMask(batch.get("attention_mask"))
+                rec["state"]["tokens"] = TokenMask(text_mask(batch))
                 model(**batch)
     finally:
         model.train(was_training)

@@ -53,3 +53,32 @@ def upstream_at(points: Sequence[tuple[float, float]], a_down: float) -> float |
 def best_h(points: Sequence[tuple[float, float]]) -> float:
     """The best H-score over a frontier of (A_down, A_up) points."""
     return max(h_score(up, down) for down, up in points)
+
+
+def edit_distance(ref: Sequence, hyp: Sequence) -> int:
+    """Levenshtein distance: substitutions + deletions + insertions turning `ref` into `hyp`."""
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1]
+
+
+def normalize_words(text: str) -> list[str]:
+    """Words for WER: lower case, punctuation other than apostrophes dropped."""
+    return "".join(c if c.isalnum() or c == "'" else " " for c in text.lower()).split()
+
+
+def error_rate(refs: Sequence[Sequence], hyps: Sequence[Sequence]) -> float:
+    """Corpus error rate: total edit distance over total reference length (WER over word
+    lists, CER over strings). Insertions count, so it can exceed 1."""
+    total = sum(len(r) for r in refs)
+    if total == 0:
+        raise ValueError("the references are empty")
+    return sum(edit_distance(r, h) for r, h in zip(refs, hyps, strict=True)) / total
+
+
+def word_error_rate(refs: Sequence[str], hyps: Sequence[str]) -> float:
+    """WER of transcripts after `normalize_words` (case and punctuation do not count)."""
+    return error_rate([normalize_words(r) for r in refs], [normalize_words(h) for h in hyps])

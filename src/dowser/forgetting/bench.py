@@ -32,7 +32,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +82,11 @@ class BenchConfig:
     ratios: tuple[float, ...] = ()  # extra update ratios for the ratio sweep
     ratio_methods: tuple[str, ...] = ()  # methods in the ratio sweep
     sweep_tasks: tuple[str, ...] | None = None  # downstream tasks with sweeps (None: all)
+    encoder_layers: int = 0  # encoder phase: also tune the last E encoder layers (speech)
+    encoder_methods: tuple[str, ...] = ()  # methods in the encoder phase
     probe: dict = field(default_factory=dict)  # extra dowser.probe arguments
+    model: str = "llava"  # "llava" (built-in, pretrained here) or "whisper-tiny-en"
+    model_dir: str | None = None  # a local Whisper checkpoint instead of tiny.en (tests)
 
 
 PRESETS: dict[str, BenchConfig] = {
@@ -123,16 +129,25 @@ PRESETS: dict[str, BenchConfig] = {
 
 @dataclass
 class Prepared:
-    """Everything the runs share: the model, encoded tasks, scores."""
+    """Everything the runs share: the model, encoded tasks, scores, and how to score a model.
+
+    `evaluate(model, task, tail)` gives a run's metrics ("upstream" per task, "a_up",
+    "a_down", and for speech "wer" / "cer"); `train_data(task, tail)` its training data, with
+    batches for tuning the last `tail` encoder layers too; `loss_fn(model, batch, tail)` the
+    training loss (None: `model(**batch).loss`).
+    """
 
     base: torch.nn.Module
     processor: object
-    upstream: list[T.Task]
-    downstream: dict[str, T.Task]
-    train: dict[str, Encoded]  # downstream task -> training sequences
+    upstream: list  # upstream tasks (each with a .name)
+    downstream: dict  # downstream task name -> task
+    train: dict  # downstream task -> training sequences (Encoded or SpeechEncoded)
     tests: dict[str, tuple[Encoded, np.ndarray, int]]  # task -> candidates, labels, #candidates
     bank: ScoreBank
     pretraining: dict
+    evaluate: Callable[[torch.nn.Module, str, int], dict] | None = None
+    loss_fn: Callable | None = None
+    train_data: Callable[[str, int], object] | None = None
 
 
 def load_tasks(
@@ -165,7 +180,11 @@ def load_tasks(
 
 
 def prepare(config: BenchConfig, *, cache: Path | None = None, progress: bool = True) -> Prepared:
-    """Load the data, pretrain (or load) the built-in model, encode every task."""
+    """Load the data, pretrain (or load) the model, encode every task."""
+    if config.model != "llava":
+        from dowser.forgetting.speech.track import prepare_speech
+
+        return prepare_speech(config, cache=cache, progress=progress)
     from safetensors import SafetensorError
 
     from dowser.tiny import load_checkpoint
@@ -194,7 +213,16 @@ def prepare(config: BenchConfig, *, cache: Path | None = None, progress: bool = 
     if wanted & set(ANALYSIS):  # dowser-data probes on the pretraining mix
         mix = Encoded.cat([encode_train(processor, t) for t in pretraining])
     bank = ScoreBank(base, processor, probe_kwargs=config.probe, pretraining=mix)
-    return Prepared(base, processor, upstream, downstream, train, tests, bank, info)
+    prep = Prepared(base, processor, upstream, downstream, train, tests, bank, info)
+
+    def evaluate(model: torch.nn.Module, task: str, tail: int) -> dict:
+        upstream = {t.name: accuracy(model, prep.tests[t.name]) for t in prep.upstream}
+        a_up = float(np.mean(list(upstream.values())))
+        return {"upstream": upstream, "a_up": a_up, "a_down": accuracy(model, prep.tests[task])}
+
+    prep.evaluate = evaluate
+    prep.train_data = lambda task, tail: prep.train[task]
+    return prep
 
 
 def accuracy(model: torch.nn.Module, test: tuple[Encoded, np.ndarray, int]) -> float:
@@ -246,6 +274,13 @@ def plan(config: BenchConfig, task: str, phase: str) -> list[dict]:
                 for lr in lr_grid(config, method, ratio)
                 for s in config.sweep_seeds
             ]
+    elif phase == "encoder" and config.encoder_layers:
+        for method in config.encoder_methods:
+            runs += [
+                _run(task, phase, method, lr, d, r, s, config.encoder_layers)
+                for lr in lr_grid(config, method)
+                for s in config.sweep_seeds
+            ]
     return runs
 
 
@@ -253,17 +288,27 @@ def _round(lr: float) -> float:
     return float(f"{lr:.3g}")  # 3e-4 * 10 is 3e-3, not 0.0030000000000000005
 
 
-RUN_KEYS = ("task", "phase", "method", "lr", "last_layers", "update_ratio", "seed")
+RUN_KEYS = (
+    "task",
+    "phase",
+    "method",
+    "lr",
+    "last_layers",
+    "update_ratio",
+    "seed",
+    "encoder_layers",  # runs recorded before this key existed tuned no encoder layer
+)
+PHASES = ("frontier", "depth", "ratio", "encoder")
 
 
 def _run(*values) -> dict:
-    """A run's identity: the values of RUN_KEYS, in that order."""
-    return dict(zip(RUN_KEYS, values, strict=True))
+    """A run's identity: the values of RUN_KEYS, in that order (encoder_layers: 0 if absent)."""
+    return dict(zip(RUN_KEYS, (*values, 0)[: len(RUN_KEYS)], strict=True))
 
 
 def _key(run: dict) -> str:
     """What identifies a run in runs.jsonl (resume skips runs whose key is there)."""
-    return json.dumps({k: run[k] for k in sorted(RUN_KEYS)})
+    return json.dumps({k: run.get(k, 0) for k in sorted(RUN_KEYS)})
 
 
 class Runner:
@@ -275,16 +320,9 @@ class Runner:
 
     def execute(self, run: dict) -> dict:
         prep, task = self.prep, run["task"]
-        setting = Setting(
-            run["lr"],
-            run["last_layers"],
-            run["update_ratio"],
-            run["seed"],
-            self.config.steps,
-            self.config.batch_size,
-        )
+        setting = self._setting(run)
         t0 = time.perf_counter()
-        data = prep.train[task]
+        data = prep.train_data(task, setting.encoder_layers)
         losses: list[float] = []
         if run["method"] == "zero-shot":
             model = prep.base
@@ -300,21 +338,34 @@ class Runner:
                 bank=prep.bank,
                 task=task,
                 progress=self.progress,
+                loss_fn=self._loss(setting),
             )
             if run["method"] == "full-ft":
                 self._full_ft = {(task, _without_ratio(setting)): model}
-        upstream = {t.name: accuracy(model, prep.tests[t.name]) for t in prep.upstream}
-        a_up = float(np.mean(list(upstream.values())))
-        a_down = accuracy(model, prep.tests[task])
+        metrics = prep.evaluate(model, task, setting.encoder_layers)
         return {
             **run,
-            "upstream": upstream,
-            "a_up": a_up,
-            "a_down": a_down,
-            "h_score": h_score(a_up, a_down),
+            **metrics,
+            "h_score": h_score(metrics["a_up"], metrics["a_down"]),
             "final_loss": float(np.mean(losses[-20:])) if losses else None,
             "seconds": round(time.perf_counter() - t0, 2),
         }
+
+    def _setting(self, run: dict) -> Setting:
+        return Setting(
+            run["lr"],
+            run["last_layers"],
+            run["update_ratio"],
+            run["seed"],
+            self.config.steps,
+            self.config.batch_size,
+            run.get("encoder_layers", 0),
+        )
+
+    def _loss(self, setting: Setting):
+        if self.prep.loss_fn is None:
+            return None
+        return partial(self.prep.loss_fn, tail=setting.encoder_layers)
 
     def _tuned(self, task: str, setting: Setting) -> torch.nn.Module:
         """The full-ft model of this setting (the update ratio does not change full-ft)."""
@@ -323,11 +374,12 @@ class Runner:
             model, _ = fine_tune(
                 "full-ft",
                 self.prep.base,
-                self.prep.train[task],
+                self.prep.train_data(task, setting.encoder_layers),
                 setting,
                 bank=self.prep.bank,
                 task=task,
                 progress=self.progress,
+                loss_fn=self._loss(setting),
             )
             self._full_ft = {key: model}  # one at a time: runs are ordered so that this hits
         return self._full_ft[key]
@@ -370,15 +422,24 @@ def run_benchmark(
     if not resume:
         runs_path.unlink(missing_ok=True)
     log(
-        f"built-in model: {prep.pretraining['parameters'] / 1e6:.2f}M parameters, "
+        prep.pretraining.get("summary")
+        or f"built-in model: {prep.pretraining['parameters'] / 1e6:.2f}M parameters, "
         f"pretrained in {prep.pretraining['seconds']} s (cached at {prep.pretraining['path']})"
     )
     runner = Runner(config, prep, progress)
     for task in config.downstream:
-        for phase in ("frontier", "depth", "ratio"):
+        for phase in PHASES:
             todo = plan(config, task, phase)
             # merges reuse the full-ft model of their setting: order by setting
-            todo.sort(key=lambda r: (r["lr"], r["last_layers"], r["seed"], r["method"] in MERGED))
+            todo.sort(
+                key=lambda r: (
+                    r["lr"],
+                    r["last_layers"],
+                    r["encoder_layers"],
+                    r["seed"],
+                    r["method"] in MERGED,
+                )
+            )
             for run in todo:
                 if _key(run) in done:
                     continue
@@ -387,24 +448,29 @@ def run_benchmark(
                 done.add(_key(run))
                 with runs_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                tail = f" E={run['encoder_layers']}" if run["encoder_layers"] else ""
+                wer = f" WER={record['wer']:.3f}" if "wer" in record else ""
                 log(
                     f"{task:>13} {phase:>8} {run['method']:>14} lr={run['lr']:<7g} "
-                    f"N={run['last_layers']} rho={run['update_ratio']:<5g} seed={run['seed']}  "
-                    f"A_up={record['a_up']:.3f} A_down={record['a_down']:.3f} "
-                    f"H={record['h_score']:.3f}  ({record['seconds']:.0f} s)"
+                    f"N={run['last_layers']}{tail} rho={run['update_ratio']:<5g} "
+                    f"seed={run['seed']}  A_up={record['a_up']:.3f} "
+                    f"A_down={record['a_down']:.3f} H={record['h_score']:.3f}{wer}  "
+                    f"({record['seconds']:.0f} s)"
                 )
     # only this config's runs count (runs.jsonl may hold others from an earlier config)
     planned = {
         _key(run)
         for task in config.downstream
-        for phase in ("frontier", "depth", "ratio")
+        for phase in PHASES
         for run in plan(config, task, phase)
     }
     records = [r for r in records if _key(r) in planned]
     result = summarize(records, config)
     result["pretraining"] = prep.pretraining
     result["upstream_tasks"] = [t.name for t in prep.upstream]
-    result["test_sizes"] = {name: len(t[1]) for name, t in prep.tests.items()}
+    result["test_sizes"] = prep.pretraining.get("test_sizes") or {
+        name: len(t[1]) for name, t in prep.tests.items()
+    }
     result["machine"] = machine()
     result["config"] = _jsonable(asdict(config))
     result["seconds"] = round(time.perf_counter() - t0, 1)

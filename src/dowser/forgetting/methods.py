@@ -31,6 +31,7 @@ is the same rho of each matrix the masks use.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,10 +42,13 @@ from torch import nn
 from dowser.baselines.masks import magnitude_scores, random_scores, wanda_scores
 from dowser.baselines.merging import InputCovariance, dare, graft, model_tailor
 from dowser.baselines.spider import spider
+from dowser.errors import DowserError
 from dowser.forgetting.encode import Encoded
-from dowser.forgetting.train import train_loop
+from dowser.forgetting.train import Examples, train_loop
 from dowser.mask import Mask, build_mask
+from dowser.probing.capture import text_mask
 from dowser.scores import Scores
+from dowser.targets import _block_lists, find_decoder_layers
 from dowser.train.masking import mask_gradients, prepare_model
 
 METHODS: tuple[str, ...] = (
@@ -92,6 +96,7 @@ class Setting:
     seed: int  # data order, random masks, LoRA init, DARE's drops
     steps: int  # optimizer steps
     batch_size: int  # examples per step
+    encoder_layers: int = 0  # also tune the last E encoder layers (speech models)
 
 
 class ScoreBank:
@@ -114,22 +119,26 @@ class ScoreBank:
         self.pretraining = pretraining  # data for dowser-data
         self._cache: dict[tuple, Scores] = {}
 
-    def get(self, method: str, *, seed: int, task: str, data: Encoded) -> Scores:
+    def get(
+        self, method: str, *, seed: int, task: str, data: Examples, layers: str | None = None
+    ) -> Scores:
+        """Scores for `method` (cached); `layers` as `select_targets` (None: the decoder)."""
         key = {"random-mask": (method, seed), "wanda-mask": (method, task)}.get(method, (method,))
+        key = (*key, layers)
         if key not in self._cache:
-            self._cache[key] = self._compute(method, seed, data)
+            self._cache[key] = self._compute(method, seed, data, layers)
         return self._cache[key]
 
-    def _compute(self, method: str, seed: int, data: Encoded) -> Scores:
+    def _compute(self, method: str, seed: int, data: Examples, layers: str | None) -> Scores:
         if method == "random-mask":
-            return random_scores(self.base, seed=seed)
+            return random_scores(self.base, layers, seed=seed)
         if method == "magnitude-mask":
-            return magnitude_scores(self.base)
+            return magnitude_scores(self.base, layers)
         if method == "wanda-mask":
-            return wanda_scores(self.base, _input_batches(data, WANDA_EXAMPLES))
+            return wanda_scores(self.base, _input_batches(data, WANDA_EXAMPLES), layers)
         from dowser.probing import probe
 
-        kwargs = {"images": "noise", "progress": False, **self.probe_kwargs}
+        kwargs = {"images": "noise", "progress": False, "layers": layers, **self.probe_kwargs}
         if method == "dowser-data":
             # as many sequences as the synthetic probe uses, drawn from the pretraining mix
             n = kwargs.get("num_samples", 64)
@@ -147,14 +156,33 @@ class ScoreBank:
         return probe(self.base, processor=self.processor, **PROBED[method], **kwargs)
 
 
+def tuned_layers(model: nn.Module, setting: Setting) -> str | None:
+    """`layers` (as `select_targets`) covering what `setting` tunes: None for the decoder
+    alone; with encoder layers, a pattern over the decoder's and those layers' modules."""
+    if not setting.encoder_layers:
+        return None
+    decoder, _ = find_decoder_layers(model)
+    encoder = [p for p, _ in _block_lists(model) if p != decoder]
+    if not encoder:
+        raise DowserError("encoder_layers: the model has no encoder block stack")
+    path = max(encoder, key=lambda p: len(model.get_submodule(p)))
+    depth = len(model.get_submodule(path))
+    if not 1 <= setting.encoder_layers <= depth:
+        raise DowserError(f"encoder_layers={setting.encoder_layers}: the encoder has {depth}")
+    tail = "|".join(str(i) for i in range(depth - setting.encoder_layers, depth))
+    return rf"^{re.escape(decoder)}\.|^{re.escape(path)}\.({tail})\."
+
+
 def tuned_mask(model: nn.Module, setting: Setting, scores: Scores | None = None) -> Mask:
     """The mask over the tuned matrices: all-trainable without `scores`."""
+    targets = "attn,mlp,encoder" if setting.encoder_layers else "attn,mlp"
     if scores is None:
-        return build_mask(
-            model, magnitude_scores(model), update_ratio=1.0, last_layers=setting.last_layers
-        )
+        scores = magnitude_scores(model, tuned_layers(model, setting))
+        ratio = 1.0
+    else:
+        ratio = setting.update_ratio
     return build_mask(
-        model, scores, update_ratio=setting.update_ratio, last_layers=setting.last_layers
+        model, scores, update_ratio=ratio, targets=targets, last_layers=setting.last_layers
     )
 
 
@@ -168,14 +196,17 @@ def lora_rank(mask: Mask, update_ratio: float) -> int:
 def fine_tune(
     method: str,
     base: nn.Module,
-    data: Encoded,
+    data: Examples,
     setting: Setting,
     *,
     bank: ScoreBank,
     task: str,
     progress: bool = False,
+    loss_fn: Callable | None = None,
 ) -> tuple[nn.Module, list[float]]:
-    """A fine-tuned copy of `base` by `method` (not a merge), and its per-step losses."""
+    """A fine-tuned copy of `base` by `method` (not a merge), and its per-step losses.
+
+    `loss_fn(model, batch)`: the training loss (default `model(**batch).loss`)."""
     if method in MERGED or method == "zero-shot":
         raise ValueError(f"{method} does not train; see `merge`")
     model = copy.deepcopy(base)
@@ -189,11 +220,13 @@ def fine_tune(
         r = lora_rank(full, setting.update_ratio)
         torch.manual_seed(setting.seed)  # LoRA's A matrices are drawn from the global RNG
         config = lora_config(model, last_layers=setting.last_layers, r=r, alpha=2 * r)
+        config.target_modules = {n.removesuffix(".weight") for n in full}
         with warnings.catch_warnings():  # peft 0.21 calls a method transformers 5.24 renamed
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing")
             model = get_peft_model(model, config)
     elif method in MASKED:
-        scores = bank.get(method, seed=setting.seed, task=task, data=data)
+        layers = tuned_layers(model, setting)
+        scores = bank.get(method, seed=setting.seed, task=task, data=data, layers=layers)
         mask = tuned_mask(model, setting, scores)
         handle = mask_gradients(model, mask)
         attach = handle.attach
@@ -213,6 +246,7 @@ def fine_tune(
         lr=setting.lr,
         seed=setting.seed,
         attach=attach,
+        loss_fn=loss_fn,
         desc=method,
         progress=progress,
     )
@@ -225,7 +259,7 @@ def fine_tune(
 
 @torch.no_grad()
 def merge(
-    method: str, base: nn.Module, tuned: nn.Module, data: Encoded, setting: Setting
+    method: str, base: nn.Module, tuned: nn.Module, data: Examples, setting: Setting
 ) -> nn.Module:
     """`tuned` (full-ft of the same setting) post-processed by a merging method."""
     names = list(tuned_mask(base, setting))
@@ -240,7 +274,7 @@ def merge(
         modules = [n.removesuffix(".weight") for n in names]
         with InputCovariance(tuned, modules) as cov:
             for batch in _input_batches(data, TAILOR_EXAMPLES):
-                cov.attention_mask = batch["attention_mask"]
+                cov.attention_mask = text_mask(batch)
                 tuned(**batch)
             hessians = cov.hessians()
         merged = model_tailor(before, after, hessians, keep=rho, names=names)
@@ -251,7 +285,7 @@ def merge(
     return model.eval()
 
 
-def _input_batches(data: Encoded, n: int, size: int = 32):
+def _input_batches(data: Examples, n: int, size: int = 32):
     """Model inputs (no labels) of the first `n` examples of `data`, `size` at a time."""
     n = min(n, len(data))
     for i in range(0, n, size):

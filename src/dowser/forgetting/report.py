@@ -53,12 +53,19 @@ def summarize(records: list[dict], config) -> dict:
             curve = [(p["a_down"]["mean"], p["a_up"]["mean"]) for p in pts.values()]
             table[m] = {
                 "best_lr": lr,
-                **{k: pts[lr][k] for k in ("a_up", "a_down", "h_score")},
+                **pts[lr],
                 "a_up_matched": None if level is None else upstream_at(curve, level),
                 "frontier": [{"lr": k, **v} for k, v in sorted(pts.items())],
                 "depth": _sweep(rows, m, "depth", "last_layers", config.last_layers, pts),
                 "ratio": _sweep(rows, m, "ratio", "update_ratio", config.update_ratio, pts),
+                "encoder": _sweep(rows, m, "encoder", "encoder_layers", 0, pts),
+                "encoder_frontier": [
+                    {"lr": k, **v} for k, v in sorted(_by(rows, m, "encoder", "lr").items())
+                ],
             }
+            if all("wer" in p for p in pts.values()):  # free-running transcription, matched
+                wers = [(p["a_down"]["mean"], p["wer"]["mean"]) for p in pts.values()]
+                table[m]["wer_matched"] = None if level is None else upstream_at(wers, level)
         tasks[task] = {"matched_level": level, "methods": table}
     overall = []
     for m in dict.fromkeys(m for t in tasks.values() for m in t["methods"]):
@@ -79,17 +86,32 @@ def summarize(records: list[dict], config) -> dict:
                 },
             }
         )
+        if all("wer" in p for p in per):
+            wer_matched = [p.get("wer_matched") for p in per]
+            overall[-1]["wer"] = float(np.mean([p["wer"]["mean"] for p in per]))
+            overall[-1]["wer_matched"] = (
+                None if None in wer_matched else float(np.mean(wer_matched))
+            )
     return {"methods": overall, "tasks": tasks}
 
 
+METRICS = ("a_up", "a_down", "h_score")
+EXTRA = ("wer", "cer")  # speech track: greedy word / character error rates, when recorded
+
+
 def _by(rows, method, phase, key) -> dict:
-    """{value of `key`: stats of a_up, a_down, h_score over seeds} for one method and phase."""
+    """{value of `key`: stats of a_up, a_down, h_score (and wer, cer) over seeds} for one
+    method and phase."""
     groups = defaultdict(list)
     for r in rows:
         if r["method"] == method and r["phase"] == phase:
             groups[r[key]].append(r)
     return {
-        k: {m: _stats([r[m] for r in g]) for m in ("a_up", "a_down", "h_score")}
+        k: {
+            m: _stats([r[m] for r in g])
+            for m in (*METRICS, *EXTRA)
+            if all(r.get(m) is not None for r in g)
+        }
         for k, g in groups.items()
     }
 
@@ -115,14 +137,18 @@ def _sweep(rows, method, phase, key, default, frontier) -> list[dict]:
 
 def markdown(result: dict) -> str:
     """The Markdown report: an overall table, then per task the frontier summary and sweeps."""
-    lines = ["| method | A_up | A_down | H | A_up at matched A_down |", "|---|---|---|---|---|"]
+    speech = any("wer" in m for m in result["methods"])
+    head = "| method | A_up | A_down | H | A_up at matched A_down |"
+    lines = [head + (" WER | WER at matched A_down |" if speech else ""), _rule(5 + 2 * speech)]
     for m in result["methods"]:
-        matched = "–" if m["a_up_matched"] is None else f"{m['a_up_matched']:.3f}"
         se = f" ± {m['h_score_se']:.3f}" if m["h_score_se"] > 0 else ""
-        lines.append(
+        row = (
             f"| {m['name']} | {m['a_up']:.3f} | {m['a_down']:.3f} | "
-            f"{m['h_score']:.3f}{se} | {matched} |"
+            f"{m['h_score']:.3f}{se} | {_num(m['a_up_matched'])} |"
         )
+        if speech:
+            row += f" {_num(m.get('wer'))} | {_num(m.get('wer_matched'))} |"
+        lines.append(row)
     for task, t in result["tasks"].items():
         level = "–" if t["matched_level"] is None else f"{t['matched_level']:.3f}"
         lines += [
@@ -132,16 +158,20 @@ def markdown(result: dict) -> str:
             f"Best learning rate of each method's sweep (mean ± standard error over seeds); "
             f"matched: A_up interpolated at A_down = {level} (90 % of full-ft's best).",
             "",
-            "| method | best lr | A_up | A_down | H | A_up at matched |",
-            "|---|---|---|---|---|---|",
+        ]
+        extra = [k for k in EXTRA if any(k in m for m in t["methods"].values())]
+        lines += [
+            "| method | best lr | A_up | A_down | H | A_up at matched |"
+            + "".join(f" {k.upper()} |" for k in extra),
+            _rule(6 + len(extra)),
         ]
         for name, m in t["methods"].items():
-            matched = "–" if m["a_up_matched"] is None else f"{m['a_up_matched']:.3f}"
             lines.append(
                 f"| {name} | {m['best_lr']:g} | {_pm(m['a_up'])} | {_pm(m['a_down'])} | "
-                f"{_pm(m['h_score'])} | {matched} |"
+                f"{_pm(m['h_score'])} | {_num(m['a_up_matched'])} |"
+                + "".join(f" {_pm(m[k]) if k in m else '–'} |" for k in extra)
             )
-        for sweep, key, label in (("depth", "last_layers", "N"), ("ratio", "update_ratio", "rho")):
+        for sweep, key, label in SWEEPS:
             swept = {n: m[sweep] for n, m in t["methods"].items() if m[sweep]}
             if not swept:
                 continue
@@ -162,13 +192,30 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SWEEPS = (  # per-task sweep tables: (key in a method's table, run key, label)
+    ("depth", "last_layers", "N"),
+    ("ratio", "update_ratio", "rho"),
+    ("encoder", "encoder_layers", "E"),
+)
+
+
 def _pm(s: dict) -> str:
     return f"{s['mean']:.3f} ± {s['se']:.3f}" if s["n"] > 1 else f"{s['mean']:.3f}"
 
 
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def _rule(columns: int) -> str:
+    return "|" + "---|" * columns
+
+
 def plots(result: dict, out: Path) -> list[Path]:
     """frontier-TASK.png (A_up against A_down over the learning rates), depth-TASK.png and
-    ratio-TASK.png (H against the swept value). Returns the files written."""
+    ratio-TASK.png (H against the swept value); for the speech track also wer-TASK.png (WER
+    against A_down) and frontier-encoder-TASK.png (the encoder phase's frontiers). Returns
+    the files written."""
     import matplotlib
     import matplotlib.ticker
 
@@ -177,30 +224,32 @@ def plots(result: dict, out: Path) -> list[Path]:
 
     written = []
     for task, t in result["tasks"].items():
-        fig, ax = plt.subplots(figsize=(8, 6))
-        for name, m in t["methods"].items():
-            pts = sorted(m["frontier"], key=lambda p: p["a_down"]["mean"])
-            x = [p["a_down"]["mean"] for p in pts]
-            y = [p["a_up"]["mean"] for p in pts]
-            style = _style(name)
-            ax.errorbar(
-                x,
-                y,
-                xerr=[p["a_down"]["se"] for p in pts],
-                yerr=[p["a_up"]["se"] for p in pts],
-                label=name,
-                **style,
-            )
-        if t["matched_level"] is not None:
-            ax.axvline(t["matched_level"], color="grey", ls=":", lw=1)
-        ax.set(
-            xlabel="A_down (downstream accuracy)",
-            ylabel="A_up (mean upstream accuracy)",
-            title=f"Forgetting frontier, fine-tuned on {task}\n(points: learning rates)",
+        level = t["matched_level"]
+        curves = {n: m["frontier"] for n, m in t["methods"].items()}
+        title = f"Forgetting frontier, fine-tuned on {task}\n(points: learning rates)"
+        ylabel = "A_up (mean upstream accuracy)"
+        written.append(
+            _frontier(plt, curves, "a_up", ylabel, title, level, out / f"frontier-{task}.png")
         )
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
-        written.append(_save(fig, out / f"frontier-{task}.png"))
+        if all("wer" in p for c in curves.values() for p in c):
+            title = f"Free-running transcription, fine-tuned on {task}\n(points: learning rates)"
+            path = out / f"wer-{task}.png"
+            written.append(
+                _frontier(plt, curves, "wer", "upstream WER (greedy)", title, level, path)
+            )
+        encoder = {
+            n: m["encoder_frontier"] for n, m in t["methods"].items() if m["encoder_frontier"]
+        }
+        if encoder:
+            layers = next(
+                p for pts in t["methods"].values() for p in pts["encoder"] if p["encoder_layers"]
+            )
+            title = (
+                f"Frontier when the last {layers['encoder_layers']} encoder layer(s) tune too, "
+                f"{task}\n(points: learning rates)"
+            )
+            path = out / f"frontier-encoder-{task}.png"
+            written.append(_frontier(plt, encoder, "a_up", ylabel, title, level, path))
         for sweep, key, xlabel in (
             ("depth", "last_layers", "tuned decoder layers (last N)"),
             ("ratio", "update_ratio", "update ratio rho"),
@@ -227,6 +276,27 @@ def plots(result: dict, out: Path) -> list[Path]:
             written.append(_save(fig, out / f"{sweep}-{task}.png"))
         plt.close("all")
     return written
+
+
+def _frontier(plt, curves: dict, y: str, ylabel: str, title: str, level, path: Path) -> Path:
+    """One plot of each method's (A_down, `y`) points over its learning rates."""
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for name, pts in curves.items():
+        pts = sorted(pts, key=lambda p: p["a_down"]["mean"])
+        ax.errorbar(
+            [p["a_down"]["mean"] for p in pts],
+            [p[y]["mean"] for p in pts],
+            xerr=[p["a_down"]["se"] for p in pts],
+            yerr=[p[y]["se"] for p in pts],
+            label=name,
+            **_style(name),
+        )
+    if level is not None:
+        ax.axvline(level, color="grey", ls=":", lw=1)
+    ax.set(xlabel="A_down (downstream accuracy)", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    return _save(fig, path)
 
 
 COLORS = {  # one fixed colour per method, the same in every plot
@@ -286,7 +356,7 @@ def write_report(result: dict, records: list[dict], out: Path) -> None:
     result["plots"] = [p.name for p in plots(result, out)]
     for old in out.glob("*.png"):  # plots of an earlier config that this run did not redraw
         if (
-            old.name.startswith(("frontier-", "depth-", "ratio-"))
+            old.name.startswith(("frontier-", "depth-", "ratio-", "wer-"))
             and old.name not in result["plots"]
         ):
             old.unlink()

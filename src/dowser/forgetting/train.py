@@ -9,26 +9,34 @@ caller.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from dowser.forgetting.encode import Encoded
-
 WARMUP = 0.03  # fraction of the steps spent warming the learning rate up
+
+
+class Examples(Protocol):
+    """Encoded training data: `Encoded` (vision-language) or `SpeechEncoded` (speech)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, rows: Sequence[int] | torch.Tensor) -> dict: ...
 
 
 def train_loop(
     model: nn.Module,
     params: list[nn.Parameter],
-    data: Encoded,
+    data: Examples,
     *,
     steps: int,
     batch_size: int,
     lr: float,
     seed: int,
     attach: Callable[[torch.optim.Optimizer], object] | None = None,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
     desc: str = "fine-tuning",
     progress: bool = True,
 ) -> list[float]:
@@ -37,6 +45,7 @@ def train_loop(
     Batches are drawn without replacement from a permutation of `data` seeded by `seed`, a
     fresh permutation each epoch. `attach(optimizer)` runs once the optimizer exists (to hook
     a mask or SPIDER onto it); a returned object with `remove()` is removed at the end.
+    `loss_fn(model, batch)` gives the loss (default: `model(**batch).loss`).
     """
     from tqdm.auto import tqdm
 
@@ -61,8 +70,8 @@ def train_loop(
                 order, pos = torch.randperm(len(data), generator=gen), 0
             rows = order[pos : pos + batch_size]
             pos += batch_size
-            batch = {k: v.to(device) for k, v in data.batch(rows).items()}
-            loss = model(**batch).loss
+            batch = to_device(data.batch(rows), device)
+            loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
             loss.backward()
             opt.step()
             sched.step()
@@ -73,3 +82,16 @@ def train_loop(
             handle.remove()
         model.eval()
     return losses
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors of `batch` (also inside tuples, e.g. encoder_outputs) moved to `device`."""
+
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, tuple):
+            return tuple(move(x) for x in v)
+        return v
+
+    return {k: move(v) for k, v in batch.items()}

@@ -43,6 +43,12 @@ def is_text_layer(target: Target) -> bool:
     return target.group in ("decoder", "lm_head")
 
 
+def text_mask(batch: dict) -> torch.Tensor | None:
+    """The (B, T) mask of the text tokens: the decoder's in an encoder-decoder batch."""
+    mask = batch.get("decoder_attention_mask")
+    return mask if mask is not None else batch.get("attention_mask")
+
+
 class TokenMask:
     """The current batch's valid (non-padding) tokens, (B, T), for means over tokens.
 

@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from dowser.errors import DowserError
 from dowser.fingerprint import model_fingerprints
-from dowser.probing.capture import Recorder, TokenMask, recording
+from dowser.probing.capture import Recorder, TokenMask, recording, text_mask
+from dowser.probing.speech import is_speech_model
 from dowser.probing.synthetic import input_device, synthetic_batches, to_model
 from dowser.scores import Factors, Scores
 from dowser.targets import Target, select_targets
@@ -196,6 +197,7 @@ def probe(
         "num_probes": num_probes,
         "seq_len": seq_len if synthetic else None,
         "images": images if synthetic else None,
+        "audio": "noise" if synthetic and is_speech_model(model, processor) else None,
         "seed": seed,
         "model_class": type(model).__name__,
     }
@@ -318,7 +320,7 @@ class _Run:
                         "each probing batch must be a dict of keyword inputs for the model"
                     )
                 batch = to_model(batch, model, device)
-                rec.tokens = TokenMask(batch.get("attention_mask"))
+                rec.tokens = TokenMask(text_mask(batch))
                 self._batch(model, batch, rec)
                 self._collect(rec)
                 rec.reset()

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from dowser.probing.capture import TokenMask, is_text_layer
+from dowser.probing.capture import TokenMask, is_text_layer, text_mask
 from dowser.probing.probe import last_logits, rademacher
 from dowser.probing.synthetic import to_model
 from dowser.targets import Target
@@ -71,7 +71,7 @@ def reference_probe(
         n = 0
         for batch in batches:
             batch = to_model(batch, model, device)
-            tokens = TokenMask(batch.get("attention_mask"))
+            tokens = TokenMask(text_mask(batch))
             for _ in range(num_probes):
                 model.zero_grad(set_to_none=True)
                 with torch.enable_grad():

@@ -144,7 +144,8 @@ def synthetic_samples(
         )
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise DowserError(
-            "synthetic probing covers decoder-only models; for an encoder-decoder model pass "
+            "synthetic probing covers decoder-only models and speech encoder-decoders (give "
+            "their processor); for another encoder-decoder model pass "
             "batches=[{input_ids, decoder_input_ids, ...}] (Python API)"
         )
     if images not in ("off", "noise"):
@@ -291,9 +292,28 @@ def synthetic_batches(
     """The self-generated probing batches `dowser.probe` uses, as a list of model inputs.
 
     For baselines that need activations without data (e.g. a Wanda mask) on the same inputs.
+    A speech encoder-decoder (Whisper, with its processor) gets noise audio and its own text
+    (`dowser.probing.speech`).
     """
     device = input_device(model)
     generator = torch.Generator().manual_seed(seed)
+    from dowser.probing.speech import is_speech_model, speech_batches, speech_samples
+
+    if is_speech_model(model, processor):  # noise audio + the decoder's own text
+        if images != "off":
+            raise DowserError(
+                f'images={images!r}: a speech model is probed with noise audio; use images="off"'
+            )
+        samples, pad = speech_samples(
+            model,
+            processor=processor,
+            num_samples=num_samples,
+            seq_len=seq_len,
+            generator=generator,
+            device=device,
+            progress=progress,
+        )
+        return speech_batches(samples, batch_size, pad)
     samples, pad = synthetic_samples(
         model,
         tokenizer=tokenizer,

@@ -65,8 +65,9 @@ def run_train(args: argparse.Namespace) -> Path:
 
     from dowser.hf import load_model, parse_dtype
     from dowser.mask import Mask
-    from dowser.train.data import Collator, SupervisedDataset, load_examples
+    from dowser.train.data import load_examples
     from dowser.train.distributed import barrier, is_main_process, mean_over_ranks, world_size
+    from dowser.train.speech import is_speech_data, load_speech_examples
     from dowser.train.trainer import DowserTrainer
 
     out = Path(args.out)
@@ -79,7 +80,8 @@ def run_train(args: argparse.Namespace) -> Path:
             "--fsdp shards the model over several processes: launch with torchrun "
             "--nproc-per-node N -m dowser train ... (or accelerate launch)"
         )
-    examples = load_examples(args.data)
+    speech = is_speech_data(args.data)
+    examples = load_speech_examples(args.data) if speech else load_examples(args.data)
     dtype = parse_dtype(args.dtype) if args.dtype else torch.float32
     model, tokenizer, processor = load_model(
         args.model_dir, dtype=dtype, trust_remote_code=args.trust_remote_code
@@ -88,12 +90,10 @@ def run_train(args: argparse.Namespace) -> Path:
     pre = processor if processor is not None else tokenizer
     if pre is None:
         raise DowserError(f"{args.model_dir} has no tokenizer or processor to encode the data")
-    dataset = SupervisedDataset(examples, pre, max_length=args.max_length)
+    dataset, collator = _dataset(model, pre, examples, speech, args)
     if not args.no_data_check:
-        # every image opened, every prompt measured (by every rank: one bar, rank 0's)
+        # every image (or clip) opened, every prompt measured (by every rank: rank 0's bar)
         dataset.check(progress=not args.quiet and os.environ.get("RANK", "0") == "0")
-    tok = getattr(pre, "tokenizer", pre)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise DowserError("--device cuda: no CUDA device is available; use --device cpu")
@@ -107,7 +107,7 @@ def run_train(args: argparse.Namespace) -> Path:
         mask=mask,
         optimizer=args.optimizer,
         train_dataset=dataset,
-        data_collator=Collator(pad_token_id=pad if pad is not None else 0),
+        data_collator=collator,
     )
     barrier()  # every rank has checked OUT before rank 0 writes to it
     if is_main_process():
@@ -136,6 +136,33 @@ def run_train(args: argparse.Namespace) -> Path:
         if args.save_delta:
             print(f"wrote the sparse delta to {out / 'delta.safetensors'}")
     return out
+
+
+def _dataset(model, pre, examples: list, speech: bool, args: argparse.Namespace):
+    """(dataset, collator) for the model's kind: speech (audio + text) or text/image."""
+    from dowser.train.data import Collator, SupervisedDataset
+    from dowser.train.speech import SpeechCollator, SpeechDataset, is_speech_processor
+
+    is_speech_model = getattr(model.config, "is_encoder_decoder", False) and is_speech_processor(
+        pre
+    )
+    tok = getattr(pre, "tokenizer", pre)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad if pad is not None else 0
+    if speech != is_speech_model:
+        what = "audio records" if speech else "text/image records"
+        fix = (
+            'give {"audio": "clip.wav", "text": "..."} records'
+            if is_speech_model
+            else "give a speech model (e.g. Whisper) for audio"
+        )
+        raise DowserError(
+            f"{args.data} holds {what} but {args.model_dir} is not a model for them: {fix}"
+        )
+    if speech:
+        limit = min(args.max_length, model.config.max_target_positions)
+        return SpeechDataset(examples, pre, max_length=limit), SpeechCollator(pad_token_id=pad)
+    return SupervisedDataset(examples, pre, max_length=args.max_length), Collator(pad_token_id=pad)
 
 
 def _read_fsdp_config(path: str) -> dict:

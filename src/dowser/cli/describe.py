@@ -1,0 +1,75 @@
+"""`dowser inspect FILE`: describe a scores, mask or delta file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dowser.errors import DowserError
+
+
+def add_parser(sub) -> None:
+    """Register the command on the subparsers `sub`."""
+    i = sub.add_parser(
+        "inspect",
+        help="describe a scores or mask file",
+        description="Print what a dowser file holds.",
+    )
+    i.add_argument("file", metavar="FILE", help="a scores or mask safetensors file")
+    i.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Print what FILE holds."""
+    print(describe_file(args.file))
+
+
+def describe_file(path: str | Path) -> str:
+    """A human-readable description of a dowser scores or mask file."""
+    from dowser.io import read_metadata
+    from dowser.mask import Mask
+
+    meta = read_metadata(path)
+    kind = meta.get("kind")
+    if kind == "mask":
+        mask = Mask.load(path)
+        settings = ", ".join(
+            f"{k}={mask.meta.get(k)}"
+            for k in ("update_ratio", "scope", "targets", "last_layers", "estimator")
+        )
+        return f"{path}: mask ({settings})\n{mask.summary()}"
+    if kind == "delta":
+        sparse, dense = meta.get("sparse"), meta.get("dense")
+        if not isinstance(sparse, list) or not isinstance(dense, list):
+            raise DowserError(f"{path} has corrupt dowser metadata (no list of weights)")
+        lines = [f"{path}: sparse delta of {len(sparse)} masked weights"]
+        lines.append(f"  densely trained tensors: {len(dense)}")
+        lines.append(f"  dowser_version: {meta.get('dowser_version')}")
+        return "\n".join(lines)
+    if kind == "scores":
+        from dowser.scores import Scores
+
+        targets = Scores.load(path).targets  # loading validates the file
+        groups: dict[str, int] = {}
+        for t in targets.values():
+            groups[t.group] = groups.get(t.group, 0) + 1
+        keys = (
+            "estimator",
+            "output",
+            "positions",
+            "synthetic",
+            "num_samples",
+            "num_batches",
+            "num_probes",
+            "seq_len",
+            "images",
+            "audio",
+            "seed",
+            "model_class",
+            "dowser_version",
+        )
+        lines = [f"{path}: scores for {len(targets)} weights"]
+        lines += [f"  {k}: {meta.get(k)}" for k in keys]
+        lines.append("  weights per group: " + ", ".join(f"{g} {n}" for g, n in groups.items()))
+        return "\n".join(lines)
+    raise DowserError(f"{path} holds {kind!r} data, which dowser cannot describe")
