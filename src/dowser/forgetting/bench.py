@@ -34,7 +34,6 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +132,7 @@ class Prepared:
 
     `evaluate(model, task, tail)` gives a run's metrics ("upstream" per task, "a_up",
     "a_down", and for speech "wer" / "cer"); `train_data(task, tail)` its training data, with
-    batches for tuning the last `tail` encoder layers too; `loss_fn(model, batch, tail)` the
+    batches for tuning the last `tail` encoder layers too; `loss_fn(model, batch)` the
     training loss (None: `model(**batch).loss`).
     """
 
@@ -275,6 +274,14 @@ def plan(config: BenchConfig, task: str, phase: str) -> list[dict]:
                 for s in config.sweep_seeds
             ]
     elif phase == "encoder" and config.encoder_layers:
+        # these read activations through the model's own forward, which runs no encoder layer
+        # on cached states
+        unsupported = set(config.encoder_methods) & {"wanda-mask", "model-tailor", "dowser-data"}
+        if unsupported:
+            raise DowserError(
+                f"{', '.join(sorted(unsupported))} cannot tune encoder layers in this benchmark; "
+                "leave them out of encoder_methods"
+            )
         for method in config.encoder_methods:
             runs += [
                 _run(task, phase, method, lr, d, r, s, config.encoder_layers)
@@ -338,7 +345,7 @@ class Runner:
                 bank=prep.bank,
                 task=task,
                 progress=self.progress,
-                loss_fn=self._loss(setting),
+                loss_fn=self.prep.loss_fn,
             )
             if run["method"] == "full-ft":
                 self._full_ft = {(task, _without_ratio(setting)): model}
@@ -362,11 +369,6 @@ class Runner:
             run.get("encoder_layers", 0),
         )
 
-    def _loss(self, setting: Setting):
-        if self.prep.loss_fn is None:
-            return None
-        return partial(self.prep.loss_fn, tail=setting.encoder_layers)
-
     def _tuned(self, task: str, setting: Setting) -> torch.nn.Module:
         """The full-ft model of this setting (the update ratio does not change full-ft)."""
         key = (task, _without_ratio(setting))
@@ -379,7 +381,7 @@ class Runner:
                 bank=self.prep.bank,
                 task=task,
                 progress=self.progress,
-                loss_fn=self._loss(setting),
+                loss_fn=self.prep.loss_fn,
             )
             self._full_ft = {key: model}  # one at a time: runs are ordered so that this hits
         return self._full_ft[key]

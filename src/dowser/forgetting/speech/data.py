@@ -7,7 +7,8 @@ A sequence is `dowser.train.speech.sequence` (prefix, target text, <|endoftext|>
 benchmark trains on exactly what `dowser train` would build from the same records. A batch
 carries the clips' encoder outputs instead of audio ("encoder_outputs", ready for the model's
 forward), or, for runs that also tune the last `tail` encoder layers, the input of those
-layers ("encoder_inner"), which `speech_forward` runs through them with gradients.
+layers ("encoder_inner", with "encoder_tail" = tail), which `encoder_outputs` runs through
+them with gradients.
 
 The loss is the mean cross-entropy over target tokens, as transformers' Whisper loss, but the
 output projection (51,864 x 384 for Whisper) is applied to target positions only.
@@ -84,11 +85,14 @@ class SpeechEncoded:
             ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = x, y, 1
         clips = self.clip_of[rows]
         out = {"decoder_input_ids": ids, "decoder_attention_mask": mask, "labels": labels}
+        return {**out, **self.audio_inputs(clips)}
+
+    def audio_inputs(self, clips: torch.Tensor) -> dict:
+        """What the decoder listens to for these clips: their encoder outputs, or (tuning the
+        last `tail` encoder layers) those layers' input and how many they are."""
         if self.tail:
-            out["encoder_inner"] = self.audio.inner[clips].float()
-        else:
-            out["encoder_outputs"] = (self.audio.states[clips].float(),)
-        return out
+            return {"encoder_inner": self.audio.inner[clips].float(), "encoder_tail": self.tail}
+        return {"encoder_outputs": (self.audio.states[clips].float(),)}
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -96,18 +100,18 @@ def _base(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def encoder_outputs(model: nn.Module, batch: dict, tail: int) -> tuple[torch.Tensor]:
+def encoder_outputs(model: nn.Module, batch: dict) -> tuple[torch.Tensor]:
     """The batch's encoder outputs, running the tuned tail layers when it carries their input."""
     if "encoder_inner" in batch:
-        return (tail_forward(_base(model), batch["encoder_inner"], tail),)
+        return (tail_forward(_base(model), batch["encoder_inner"], batch["encoder_tail"]),)
     return batch["encoder_outputs"]
 
 
-def decoder_states(model: nn.Module, batch: dict, tail: int = 0) -> torch.Tensor:
+def decoder_states(model: nn.Module, batch: dict) -> torch.Tensor:
     """Decoder outputs before the output projection, (B, T, d)."""
     base = _base(model)
     out = base.model(
-        encoder_outputs=encoder_outputs(model, batch, tail),
+        encoder_outputs=encoder_outputs(model, batch),
         decoder_input_ids=batch["decoder_input_ids"],
         decoder_attention_mask=batch["decoder_attention_mask"],
     )
@@ -119,18 +123,20 @@ def target_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits at target positions (N, V) float32, their labels (N,))."""
     keep = batch["labels"] != IGNORE
-    hidden = decoder_states(model, batch, tail)[keep]
+    hidden = decoder_states(model, batch)[keep]
     return _base(model).proj_out(hidden).float(), batch["labels"][keep]
 
 
-def speech_loss(model: nn.Module, batch: dict, tail: int = 0) -> torch.Tensor:
+def speech_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Mean cross-entropy over the batch's target tokens."""
-    logits, labels = target_logits(model, batch, tail)
+    logits, labels = target_logits(model, batch)
     return nn.functional.cross_entropy(logits, labels)
 
 
-def speech_forward(model: nn.Module, batch: dict, tail: int = 0):
+def speech_forward(model: nn.Module, batch: dict):
     """The model's outputs on a batch (for hooks that read activations)."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "encoder_inner")}
-    inputs["encoder_outputs"] = encoder_outputs(model, batch, tail)
+    inputs = {
+        k: v for k, v in batch.items() if k not in ("labels", "encoder_inner", "encoder_tail")
+    }
+    inputs["encoder_outputs"] = encoder_outputs(model, batch)
     return model(**inputs)

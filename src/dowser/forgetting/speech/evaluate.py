@@ -34,7 +34,7 @@ def token_accuracy(model: nn.Module, data: SpeechEncoded) -> float:
     right = total = 0
     for start in range(0, len(data), BATCH):
         logits, labels = target_logits(
-            model, data.batch(range(start, min(start + BATCH, len(data)))), data.tail
+            model, data.batch(range(start, min(start + BATCH, len(data))))
         )
         right += int((logits.argmax(1) == labels).sum())
         total += len(labels)
@@ -61,7 +61,7 @@ def candidate_logprobs(
     out = torch.empty(n_clips, len(cands))
     for start in range(0, n_clips, BATCH):
         clips = torch.arange(start, min(start + BATCH, n_clips))
-        enc = encoder_outputs(model, _audio_batch(data, clips), data.tail)
+        enc = encoder_outputs(model, data.audio_inputs(clips))
         step = base(
             encoder_outputs=enc, decoder_input_ids=head.repeat(len(clips), 1), use_cache=True
         )
@@ -89,13 +89,6 @@ def candidate_logprobs(
     return out
 
 
-def _audio_batch(data: SpeechEncoded, clips: torch.Tensor) -> dict:
-    """A batch of just the clips' audio (encoder states, or the tuned tail's input)."""
-    if data.tail:
-        return {"encoder_inner": data.audio.inner[clips].float()}
-    return {"encoder_outputs": (data.audio.states[clips].float(),)}
-
-
 def candidate_accuracy(
     model: nn.Module,
     data: SpeechEncoded,
@@ -116,7 +109,7 @@ def greedy_texts(
     processor,
     prompt: str | None,
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 40,
 ) -> list[str]:
     """Each clip's greedy output (Whisper's generate with its generation config), as text."""
     from transformers.modeling_outputs import BaseModelOutput
@@ -129,7 +122,7 @@ def greedy_texts(
     n = len(data.audio.states)
     for start in range(0, n, BATCH):
         clips = torch.arange(start, min(start + BATCH, n))
-        states = encoder_outputs(model, _audio_batch(data, clips), data.tail)[0]
+        states = encoder_outputs(model, data.audio_inputs(clips))[0]
         kwargs = {"prompt_ids": prompt_ids} if prompt_ids is not None else {}
         ids = model.generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=states),
