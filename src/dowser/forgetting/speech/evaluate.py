@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -124,12 +125,26 @@ def greedy_texts(
         clips = torch.arange(start, min(start + BATCH, n))
         states = encoder_outputs(model, data.audio_inputs(clips))[0]
         kwargs = {"prompt_ids": prompt_ids} if prompt_ids is not None else {}
-        ids = model.generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=states),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            **kwargs,
-        )
+        with _quiet_transformers():  # its notes on max_length and masks, once per batch
+            ids = model.generate(
+                encoder_outputs=BaseModelOutput(last_hidden_state=states),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                **kwargs,
+            )
         texts += tok.batch_decode(ids, skip_special_tokens=True)
     return texts
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' log at error level only, for the duration."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
