@@ -3,7 +3,8 @@
 masks.py    random, magnitude and Wanda masks (same ratio and layers as Dowser's)
 lora.py     LoRA on the same matrices (PEFT)
 spider.py   SPIDER: per-step interpolation between W0 and W from gradient importance
-merging.py  post-hoc merging: DARE, grafting, Model Tailor
+merging/    post-hoc merging, one file per method: dare.py, grafting.py, model_tailor.py
+            (with covariance.py, the input covariances Model Tailor needs)
 """
 
 from dowser.baselines.lora import lora_config, tuned_modules
