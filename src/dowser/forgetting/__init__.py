@@ -9,7 +9,9 @@ Modules, in the order the benchmark uses them:
     encode.py   tasks encoded once into ids and pixels; batched scoring of candidate answers
     train.py    the one training loop every method goes through
     methods.py  every method: which parameters train, what hooks, which merge afterwards
-    bench.py    configs and presets, the sweeps, resumable runs
+    config.py   BenchConfig (what runs) and Prepared (what the runs share)
+    llava.py    the built-in LLaVA track: presets, tasks, scoring
+    bench.py    the sweeps, resumable runs, for any track (speech/: Whisper tiny.en)
     report.py   frontiers, best H, matched A_up, depth/ratio tables, plots
 """
 

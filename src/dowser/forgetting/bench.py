@@ -11,6 +11,8 @@ Phases, each a list of runs (downstream task x method x learning rate x depth x 
              grid (on the downstream tasks of `sweep_tasks`, with `sweep_seeds`).
 3. ratio     `ratio_methods` at each update ratio of `ratios`, likewise; a mask's grid is
              scaled by update_ratio / ratio, as it has that many times fewer entries to move.
+4. encoder   (speech models) `encoder_methods` tuning the last `encoder_layers` encoder layers
+             too, over the whole grid, on `sweep_tasks` with `sweep_seeds`.
 
 A point of a depth or ratio sweep is the best H over the learning rates at that depth or
 ratio: at one fixed learning rate the sweeps would mostly show how far each method moved.
@@ -24,6 +26,11 @@ trade-off.
 A_up is the mean accuracy over the upstream tasks after fine-tuning, A_down the downstream
 task's accuracy, H = 2 A_up A_down / (A_up + A_down). Every finished run is appended to
 OUT/runs.jsonl at once, so an interrupted benchmark resumes where it stopped (`resume=True`).
+
+Tracks. `config.model` picks the model and its tasks: "llava", the built-in LLaVA pretrained
+here (`llava.py`), or "whisper-tiny-en", OpenAI's Whisper tiny.en on speech made with
+espeak-ng (`speech/track.py`). A track's `prepare` gives the runs everything they share
+(`config.Prepared`); everything else here is the same for both.
 """
 
 from __future__ import annotations
@@ -32,8 +39,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,194 +47,31 @@ import torch
 
 from dowser.errors import DowserError
 from dowser.eval.metrics import h_score
-from dowser.forgetting import tasks as T
-from dowser.forgetting.encode import Encoded, encode, sequence_logprobs
-from dowser.forgetting.methods import (
-    ANALYSIS,
-    LR_SCALE,
-    MASKED,
-    MERGED,
-    METHODS,
-    ScoreBank,
-    Setting,
-    fine_tune,
-    merge,
-)
-from dowser.forgetting.model import BaseConfig, encode_train, pretrained
+from dowser.forgetting.config import BenchConfig, Prepared
+from dowser.forgetting.llava import PRESETS, accuracy, load_tasks, prepare_llava
+from dowser.forgetting.methods import MASKED, MERGED, Setting, fine_tune, merge
 
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """What the benchmark runs. Presets: PRESETS["demo" | "quick" | "full"]."""
-
-    base: BaseConfig = field(default_factory=BaseConfig)  # the built-in model, pretraining
-    upstream_train: int = 20000  # pretraining examples per upstream task and of wordnet-define
-    upstream_test: int = 1000  # test examples per upstream task (SE ~1.4 points at 70 %)
-    downstream: tuple[str, ...] = ("digits", "wordnet-topic")  # fine-tuning tasks
-    downstream_train: int = 4000  # training examples of a downstream task (digits has 1297)
-    downstream_test: int = 500  # held-out test examples of a downstream task
-    methods: tuple[str, ...] = METHODS  # rows of the frontier phase
-    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)  # learning-rate sweep of full-ft
-    lr_scale: dict = field(default_factory=lambda: dict(LR_SCALE))  # per-method grid factor
-    seeds: tuple[int, ...] = (0, 1)  # fine-tuning seeds; means and standard errors over them
-    sweep_seeds: tuple[int, ...] = (0,)  # seeds of the depth and ratio sweeps
-    update_ratio: float = 0.1  # rho: fraction of each tuned matrix that may change
-    last_layers: int = 4  # default depth: tune the last N decoder layers
-    steps: int = 300  # fine-tuning optimizer steps (3.7 epochs of digits)
-    batch_size: int = 16  # fine-tuning examples per step
-    depths: tuple[int, ...] = (1, 2, 3)  # extra depths for the depth sweep
-    depth_methods: tuple[str, ...] = ()  # methods in the depth sweep
-    ratios: tuple[float, ...] = ()  # extra update ratios for the ratio sweep
-    ratio_methods: tuple[str, ...] = ()  # methods in the ratio sweep
-    sweep_tasks: tuple[str, ...] | None = None  # downstream tasks with sweeps (None: all)
-    encoder_layers: int = 0  # encoder phase: also tune the last E encoder layers (speech)
-    encoder_methods: tuple[str, ...] = ()  # methods in the encoder phase
-    probe: dict = field(default_factory=dict)  # extra dowser.probe arguments
-    model: str = "llava"  # "llava" (built-in, pretrained here) or "whisper-tiny-en"
-    model_dir: str | None = None  # a local Whisper checkpoint instead of tiny.en (tests)
-
-
-PRESETS: dict[str, BenchConfig] = {
-    # `make demo`: the four required methods and grafting, one seed, one learning rate each
-    "demo": BenchConfig(
-        downstream=("digits",),
-        methods=("zero-shot", "full-ft", "lora", "random-mask", "dowser", "grafting"),
-        lrs=(3e-4,),
-        seeds=(0,),
-        depths=(),
-    ),
-    # every method, one downstream task, one seed, short sweeps
-    "quick": BenchConfig(
-        downstream=("digits",),
-        seeds=(0,),
-        depths=(2,),
-        depth_methods=("full-ft", "dowser", "random-mask", "dare"),
-        ratios=(0.03,),
-        ratio_methods=("dowser", "random-mask", "grafting"),
-    ),
-    # the published figures (bench/results/forgetting)
-    "full": BenchConfig(
-        methods=(*METHODS, *ANALYSIS),
-        sweep_tasks=("digits",),
-        depth_methods=(
-            "full-ft",
-            "lora",
-            "dowser",
-            "random-mask",
-            "spider",
-            "model-tailor",
-            "dare",
-            "grafting",
-        ),
-        ratios=(0.01, 0.03, 0.3),
-        ratio_methods=("dowser", "dowser-rms", "random-mask", "dare", "grafting"),
-    ),
-}
-
-
-@dataclass
-class Prepared:
-    """Everything the runs share: the model, encoded tasks, scores, and how to score a model.
-
-    `evaluate(model, task, tail)` gives a run's metrics ("upstream" per task, "a_up",
-    "a_down", and for speech "wer" / "cer"); `train_data(task, tail)` its training data, with
-    batches for tuning the last `tail` encoder layers too; `loss_fn(model, batch)` the
-    training loss (None: `model(**batch).loss`).
-    """
-
-    base: torch.nn.Module
-    processor: object
-    upstream: list  # upstream tasks (each with a .name)
-    downstream: dict  # downstream task name -> task
-    train: dict  # downstream task -> training sequences (Encoded or SpeechEncoded)
-    tests: dict[str, tuple[Encoded, np.ndarray, int]]  # task -> candidates, labels, #candidates
-    bank: ScoreBank
-    pretraining: dict
-    evaluate: Callable[[torch.nn.Module, str, int], dict] | None = None
-    loss_fn: Callable | None = None
-    train_data: Callable[[str, int], object] | None = None
-
-
-def load_tasks(
-    config: BenchConfig,
-) -> tuple[list[T.Task], list[T.Task], dict[str, T.Task], list[str]]:
-    """Upstream (scored) tasks, every pretraining task (upstream + wordnet-define), downstream
-    tasks and the tokenizer corpus (wordnet-pos's definitions)."""
-    synsets = T.read_wordnet()
-    n, m = config.upstream_train, config.upstream_test
-    upstream = [
-        T.fashion_mnist(n, m, seed=config.base.seed),
-        T.wordnet_pos(n, m, seed=config.base.seed, synsets=synsets),
-    ]
-    makers = {
-        "digits": lambda: T.digits(config.downstream_test, seed=config.base.seed),
-        "wordnet-topic": lambda: T.wordnet_topic(
-            config.downstream_train,
-            config.downstream_test,
-            seed=config.base.seed,
-            synsets=synsets,
-        ),
-    }
-    unknown = [d for d in config.downstream if d not in makers]
-    if unknown:
-        raise DowserError(f"unknown downstream task {unknown[0]!r}; choose from {list(makers)}")
-    downstream = {d: makers[d]() for d in config.downstream}
-    corpus = [d for o, p, _, _, d in synsets if T._for_pos(o, p)]
-    define = T.wordnet_define(n, seed=config.base.seed, synsets=synsets)
-    return upstream, [*upstream, define], downstream, corpus
+__all__ = [  # the tracks' pieces are re-exported: one place to import the benchmark from
+    "PRESETS",
+    "BenchConfig",
+    "Prepared",
+    "Runner",
+    "accuracy",
+    "load_tasks",
+    "lr_grid",
+    "plan",
+    "prepare",
+    "run_benchmark",
+]
 
 
 def prepare(config: BenchConfig, *, cache: Path | None = None, progress: bool = True) -> Prepared:
-    """Load the data, pretrain (or load) the model, encode every task."""
-    if config.model != "llava":
-        from dowser.forgetting.speech.track import prepare_speech
+    """The track of `config.model`, ready to run: model, encoded tasks, scoring."""
+    if config.model == "llava":
+        return prepare_llava(config, cache=cache, progress=progress)
+    from dowser.forgetting.speech.track import prepare_speech
 
-        return prepare_speech(config, cache=cache, progress=progress)
-    from safetensors import SafetensorError
-
-    from dowser.tiny import load_checkpoint
-
-    upstream, pretraining, downstream, corpus = load_tasks(config)
-    path = pretrained(config.base, pretraining, corpus, cache=cache, progress=progress)
-    try:
-        base, processor = load_checkpoint(path)
-    except (OSError, ValueError, SafetensorError) as e:
-        raise DowserError(
-            f"the cached model in {path} cannot be loaded ({e}); delete that directory and it "
-            "will be pretrained again"
-        ) from None
-    base.eval().requires_grad_(False)
-    tests = {}
-    for task in [*upstream, *downstream.values()]:
-        cands = encode(
-            processor, task.test.prompts, [task.candidates] * len(task.test), task.test.images
-        )
-        tests[task.name] = (cands, task.test.labels, len(task.candidates))
-    train = {name: encode_train(processor, task) for name, task in downstream.items()}
-    info = json.loads((path / "pretraining.json").read_text())
-    info["path"] = str(path)
-    wanted = {*config.methods, *config.depth_methods, *config.ratio_methods}
-    mix = None
-    if wanted & set(ANALYSIS):  # dowser-data probes on the pretraining mix
-        mix = Encoded.cat([encode_train(processor, t) for t in pretraining])
-    bank = ScoreBank(base, processor, probe_kwargs=config.probe, pretraining=mix)
-    prep = Prepared(base, processor, upstream, downstream, train, tests, bank, info)
-
-    def evaluate(model: torch.nn.Module, task: str, tail: int) -> dict:
-        upstream = {t.name: accuracy(model, prep.tests[t.name]) for t in prep.upstream}
-        a_up = float(np.mean(list(upstream.values())))
-        return {"upstream": upstream, "a_up": a_up, "a_down": accuracy(model, prep.tests[task])}
-
-    prep.evaluate = evaluate
-    prep.train_data = lambda task, tail: prep.train[task]
-    return prep
-
-
-def accuracy(model: torch.nn.Module, test: tuple[Encoded, np.ndarray, int]) -> float:
-    """Fraction of test examples whose true candidate is the most likely."""
-    cands, labels, k = test
-    logp = sequence_logprobs(model, cands, batch_size=256).view(len(labels), k)
-    return float((logp.argmax(1).numpy() == labels).mean())
+    return prepare_speech(config, cache=cache, progress=progress)
 
 
 def lr_grid(config: BenchConfig, method: str, ratio: float | None = None) -> list[float]:

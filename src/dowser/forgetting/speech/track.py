@@ -44,7 +44,7 @@ def _task_tails(config) -> dict[str, int]:
 
 def prepare_speech(config, *, cache: Path | None = None, progress: bool = True):
     """Import (or load) the model, make and encode the speech, set up scoring (module doc)."""
-    from dowser.forgetting.bench import Prepared
+    from dowser.forgetting.config import Prepared
     from dowser.forgetting.methods import ScoreBank
     from dowser.forgetting.tasks import read_wordnet
 
@@ -123,7 +123,7 @@ def prepare_speech(config, *, cache: Path | None = None, progress: bool = True):
 
 def speech_presets():
     """The speech track's presets: "quick" (minutes) and "full" (the published figures)."""
-    from dowser.forgetting.bench import BenchConfig
+    from dowser.forgetting.config import BenchConfig
     from dowser.forgetting.methods import LR_SCALE, METHODS
 
     common = BenchConfig(
