@@ -63,9 +63,11 @@ def summarize(records: list[dict], config) -> dict:
                     {"lr": k, **v} for k, v in sorted(_by(rows, m, "encoder", "lr").items())
                 ],
             }
+            table[m]["a_up_matched_seeds"] = _matched_by_seed(rows, m, level, "a_up")
             if all("wer" in p for p in pts.values()):  # free-running transcription, matched
                 wers = [(p["a_down"]["mean"], p["wer"]["mean"]) for p in pts.values()]
                 table[m]["wer_matched"] = None if level is None else upstream_at(wers, level)
+                table[m]["wer_matched_seeds"] = _matched_by_seed(rows, m, level, "wer")
         tasks[task] = {"matched_level": level, "methods": table}
     overall = []
     for m in dict.fromkeys(m for t in tasks.values() for m in t["methods"]):
@@ -116,6 +118,20 @@ def _by(rows, method, phase, key) -> dict:
     }
 
 
+def _matched_by_seed(rows, method, level, y: str) -> dict | None:
+    """`y` interpolated at A_down = `level` along each seed's own frontier, then mean and
+    standard error over seeds: the noise of a matched comparison. None unless every seed's
+    frontier reaches the level."""
+    if level is None:
+        return None
+    curves = defaultdict(list)
+    for r in rows:
+        if r["method"] == method and r["phase"] == "frontier" and r.get(y) is not None:
+            curves[r["seed"]].append((r["a_down"], r[y]))
+    values = [upstream_at(c, level) for c in curves.values()]
+    return None if not values or None in values else _stats(values)
+
+
 def _sweep(rows, method, phase, key, default, frontier) -> list[dict]:
     """Per swept value, the best seed-mean H over the learning rates, with its point and lr;
     the default value's point is the frontier's best."""
@@ -156,7 +172,8 @@ def markdown(result: dict) -> str:
             f"### downstream: {task}",
             "",
             f"Best learning rate of each method's sweep (mean ± standard error over seeds); "
-            f"matched: A_up interpolated at A_down = {level} (90 % of full-ft's best).",
+            f"matched: A_up interpolated at A_down = {level} (90 % of full-ft's best) along "
+            "each seed's frontier.",
             "",
         ]
         extra = [k for k in EXTRA if any(k in m for m in t["methods"].values())]
@@ -166,9 +183,10 @@ def markdown(result: dict) -> str:
             _rule(6 + len(extra)),
         ]
         for name, m in t["methods"].items():
+            matched = m.get("a_up_matched_seeds")
             lines.append(
                 f"| {name} | {m['best_lr']:g} | {_pm(m['a_up'])} | {_pm(m['a_down'])} | "
-                f"{_pm(m['h_score'])} | {_num(m['a_up_matched'])} |"
+                f"{_pm(m['h_score'])} | {_pm(matched) if matched else _num(m['a_up_matched'])} |"
                 + "".join(f" {_pm(m[k]) if k in m else '–'} |" for k in extra)
             )
         for sweep, key, label in SWEEPS:

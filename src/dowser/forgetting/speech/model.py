@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,13 +135,8 @@ class EncoderStates:
         if not 0 <= tail <= len(layers):
             raise DowserError(f"tail={tail}: the encoder has {len(layers)} layers")
         states, inner = [], []
-        captured = {}
-        hook = None
-        if tail:  # the input of the first tail layer
-            hook = layers[len(layers) - tail].register_forward_pre_hook(
-                lambda module, args: captured.__setitem__("h", args[0])
-            )
-        try:
+        first_tail = layers[len(layers) - tail] if tail else None
+        with _inputs_of(first_tail) as seen:
             starts = range(0, len(split), BATCH)
             for start in tqdm(starts, desc="encoding speech", disable=not progress, leave=False):
                 end = start + BATCH
@@ -152,13 +148,25 @@ class EncoderStates:
                     out = model.get_encoder()(features.to(model.dtype)).last_hidden_state
                 states.append(out.half())
                 if tail:
-                    inner.append(captured.pop("h").half())
-        finally:
-            if hook is not None:
-                hook.remove()
+                    inner.append(seen.pop().half())
         result = cls(torch.cat(states), torch.cat(inner) if tail else None, tail)
         _save_atomic(path, result, save_file)
         return result
+
+
+@contextmanager
+def _inputs_of(layer: nn.Module | None):
+    """A list that receives the input of every call of `layer` (nothing for None); the hook
+    is removed on exit, also on error."""
+    seen: list[torch.Tensor] = []
+    hook = None
+    if layer is not None:
+        hook = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def _key(model: nn.Module, processor, split: SpeechSplit, tail: int) -> str:
