@@ -139,6 +139,14 @@ def tensor(model: CT2Model, name: str, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
+def shape(model: CT2Model, name: str) -> tuple[int, ...]:
+    """The dims of a variable (or of what an alias stands for)."""
+    name = model.aliases.get(name, name)
+    if name not in model.variables:
+        raise DowserError(f"the model has no variable {name}: not a complete Whisper model")
+    return tuple(model.variables[name].shape)
+
+
 def scalar(model: CT2Model, name: str, default: int) -> int:
     value = model.variables.get(name)
     return default if value is None else int(np.asarray(value).reshape(-1)[0])

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from dowser.errors import DowserError
-from dowser.importers.ct2 import CT2Model, count_layers, read_ct2, scalar, tensor
+from dowser.importers.ct2 import CT2Model, count_layers, read_ct2, scalar, shape, tensor
 
 GELU, PRE_NORM = 3, 1  # CTranslate2's activation code for exact GELU; pre-layer-norm blocks
 TIMESTAMPS = 1501  # Whisper's <|0.00|> ... <|30.00|> tokens, 0.02 s apart
@@ -127,23 +127,22 @@ def whisper_config(model: CT2Model, token_ids: dict[str, int]):
     """transformers' WhisperConfig for the model's shapes and special tokens."""
     from transformers import WhisperConfig
 
-    v = model.variables
-    vocab, d_model = tensor(model, "decoder/embeddings/weight", torch.float32).shape
+    vocab, d_model = shape(model, "decoder/embeddings/weight")
     heads = {side: scalar(model, f"{side}/num_heads", 0) for side in ("encoder", "decoder")}
     if not all(heads.values()) or d_model % heads["encoder"] or d_model % heads["decoder"]:
         raise DowserError(f"num_heads {heads} does not divide d_model {d_model}: corrupt model")
     return WhisperConfig(
         vocab_size=vocab,
-        num_mel_bins=v["encoder/conv1/weight"].shape[1],
+        num_mel_bins=shape(model, "encoder/conv1/weight")[1],
         d_model=d_model,
         encoder_layers=count_layers(model, "encoder"),
         decoder_layers=count_layers(model, "decoder"),
         encoder_attention_heads=heads["encoder"],
         decoder_attention_heads=heads["decoder"],
-        encoder_ffn_dim=v["encoder/layer_0/ffn/linear_0/weight"].shape[0],
-        decoder_ffn_dim=v["decoder/layer_0/ffn/linear_0/weight"].shape[0],
-        max_source_positions=v["encoder/position_encodings/encodings"].shape[0],
-        max_target_positions=v["decoder/position_encodings/encodings"].shape[0],
+        encoder_ffn_dim=shape(model, "encoder/layer_0/ffn/linear_0/weight")[0],
+        decoder_ffn_dim=shape(model, "decoder/layer_0/ffn/linear_0/weight")[0],
+        max_source_positions=shape(model, "encoder/position_encodings/encodings")[0],
+        max_target_positions=shape(model, "decoder/position_encodings/encodings")[0],
         decoder_start_token_id=token_ids["sot"],
         bos_token_id=token_ids["eot"],
         eos_token_id=token_ids["eot"],
@@ -257,10 +256,7 @@ def import_ct2(
             ct2_config = json.loads((src / "config.json").read_text())
         except ValueError as e:
             raise DowserError(f"{src / 'config.json'} is not valid JSON ({e})") from None
-    vocab = model.variables[
-        model.aliases.get("decoder/embeddings/weight", "decoder/embeddings/weight")
-    ]
-    tok = whisper_tokenizer(tokenizer_json, int(vocab.shape[0]))
+    tok = whisper_tokenizer(tokenizer_json, shape(model, "decoder/embeddings/weight")[0])
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in SPECIAL.items()}
     config = whisper_config(model, ids)
     config.dtype = dtype
