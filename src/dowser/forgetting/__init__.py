@@ -13,6 +13,8 @@ Modules, in the order the benchmark uses them:
     llava.py    the built-in LLaVA track: presets, tasks, scoring
     bench.py    the sweeps, resumable runs, for any track (speech/: Whisper tiny.en)
     report.py   frontiers, best H, matched A_up, depth/ratio tables, plots
+    estimators.py, estimators_report.py   the estimator study and its tables and plots
+    speech/     the same benchmark on Whisper tiny.en (speech made with espeak-ng)
 """
 
 from dowser.forgetting.bench import PRESETS, BenchConfig, run_benchmark
