@@ -129,10 +129,10 @@ def _continue(model, prompts: list[Sample], seq_len: int, pad, eos, suppress, de
     if need <= 0:
         return prompts
     batch = to_model(_pad(prompts, width, pad=pad, left=False), model, device)
-    config = GenerationConfig(
+    config = GenerationConfig(  # lengths count the decoder's tokens, prompt included
         **SAMPLING,
-        max_new_tokens=need,
-        min_new_tokens=need,
+        max_length=seq_len,
+        min_length=seq_len,
         pad_token_id=pad,
         eos_token_id=eos,
         decoder_start_token_id=prompts[0].ids[0],
