@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
         "probe",
         help="score every weight of a model, without data",
         description="Probe a local Hugging Face checkpoint with self-generated inputs and write "
-        "its importance scores (factors + metadata) to a safetensors file.",
+        "its importance scores (factors + metadata) to a safetensors file. Speech models "
+        "(Whisper) hear white noise and continue their own text (no option needed).",
     )
     p.add_argument(
         "model_dir",
