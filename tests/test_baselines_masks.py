@@ -15,7 +15,7 @@ from dowser.baselines.masks import (
     wanda_mask,
     wanda_scores,
 )
-from dowser.mask import round_half_up
+from dowser.ranking import round_half_up
 
 
 def test_magnitude_mask_trains_the_smallest_weights():

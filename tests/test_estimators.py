@@ -14,7 +14,7 @@ from conftest import tiny_llama, token_batches
 import dowser
 from dowser import DowserError
 from dowser.baselines.masks import wanda_scores
-from dowser.probing.probe import all_logits, last_logits, rademacher
+from dowser.probing.outputs import all_logits, last_logits, rademacher
 from dowser.scores import Scores
 from dowser.targets import select_targets
 

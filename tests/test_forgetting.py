@@ -27,7 +27,7 @@ from dowser.forgetting.bench import (
 from dowser.forgetting.encode import Encoded, encode
 from dowser.forgetting.methods import ANALYSIS, MASKED, MERGED, METHODS, Setting, fine_tune, merge
 from dowser.forgetting.model import BaseConfig, pretrained
-from dowser.forgetting.report import summarize
+from dowser.forgetting.report import markdown, summarize
 from dowser.train.data import Example, SupervisedDataset
 
 TINY = BenchConfig(
@@ -332,6 +332,13 @@ def test_summary_picks_best_lr_and_interpolates_matched_upstream():
     # dowser at A_down 0.9: between (0.6, 0.9) and (0.95, 0.7) -> 0.9 - 0.2 * 0.3 / 0.35
     assert table["dowser"]["a_up_matched"] == pytest.approx(0.9 - 0.2 * 0.3 / 0.35)
     assert table["full-ft"]["a_up_matched"] == pytest.approx(0.8 - 0.4 * 0.4 / 0.5)
+    # a method measured on one task of two says so in the overall table
+    other = [dict(r, task="u") for r in records if r["method"] == "full-ft"]
+    both = summarize(records + other, TINY)
+    rows = {m["name"]: m for m in both["methods"]}
+    assert rows["dowser"]["tasks"] == ["t"] and rows["full-ft"]["tasks"] == ["t", "u"]
+    text = markdown(both)
+    assert "| dowser (t) |" in text and "| full-ft |" in text
 
 
 def test_learning_rate_grids():
@@ -346,6 +353,13 @@ def test_learning_rate_grids():
         (m, lr) for m in TINY.depth_methods for lr in lr_grid(TINY, m)
     }
     assert plan(replace(TINY, sweep_tasks=("digits",)), "wordnet-topic", "ratio") == []
+    # a task may have fewer frontier rows than the others
+    fewer = replace(TINY, task_methods={"wordnet-topic": ("zero-shot", "dowser")})
+    assert {r["method"] for r in plan(fewer, "wordnet-topic", "frontier")} == {
+        "zero-shot",
+        "dowser",
+    }
+    assert {r["method"] for r in plan(fewer, "digits", "frontier")} == set(TINY.methods)
 
 
 def test_sweep_points_are_the_best_over_learning_rates():

@@ -8,7 +8,8 @@ from conftest import tiny_llama, token_batches
 
 import dowser
 from dowser import DowserError, Mask
-from dowser.mask import _pack, _unpack, lowest_k, round_half_up
+from dowser.mask import _pack, _unpack
+from dowser.ranking import lowest_k, round_half_up
 
 
 @pytest.fixture(scope="module")

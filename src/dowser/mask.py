@@ -21,7 +21,7 @@ import math
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from torch import nn
 from dowser.errors import DowserError
 from dowser.fingerprint import mismatches
 from dowser.io import PathLike, corrupt, load_safetensors, save_safetensors
+from dowser.ranking import lowest_k, lowest_per_row, round_half_up
 from dowser.scores import Scores, _describe
 from dowser.targets import find_decoder_layers
 from dowser.version import __version__
@@ -205,7 +206,7 @@ def build_mask(
         if scope == "row":
             (name,) = group
             dense = _checked_dense(scores, name)
-            masks[name] = _lowest_per_row(dense, ratio, scores.targets[name].transposed)
+            masks[name] = lowest_per_row(dense, ratio, scores.targets[name].transposed)
             continue
         k = round_half_up(ratio * _numel(scores, group))
         if len(group) == 1:  # one matrix: form it once
@@ -246,69 +247,6 @@ def build_mask(
 
 def _numel(scores: Scores, group: list[str]) -> int:
     return sum(math.prod(scores.shapes[n]) for n in group)
-
-
-def round_half_up(x: float) -> int:
-    """round(x) with halves going up (Python's round() sends 2.5 to 2)."""
-    return int(math.floor(x + 0.5))
-
-
-ScoreSource = torch.Tensor | Callable[[], torch.Tensor]
-
-
-def lowest_k(scores: Sequence[ScoreSource], k: int) -> list[torch.Tensor]:
-    """Bool masks of the k smallest entries over all `scores` (non-negative floats).
-
-    Order: by value, then earlier tensor, then lower flat index, so the result is
-    deterministic and nested in k. The k-th value is found by a radix select over the
-    float32 bit patterns (monotone for non-negative floats), never concatenating.
-
-    `scores` may be tensors or functions returning them: a function is called once per pass
-    (up to four times), so only one dense score matrix exists at a time and the extra memory
-    is one byte per entry (the masks) however many matrices the group holds.
-    """
-    get = [s if callable(s) else (lambda s=s: s) for s in scores]
-    # pass 1: histogram of the top 15 value bits (the sign bit is always 0)
-    hist = torch.zeros(1 << 15, dtype=torch.long)
-    for g in get:
-        hist += torch.bincount((_bits(g()).reshape(-1) >> 16).long(), minlength=1 << 15).cpu()
-    if k <= 0 or k >= int(hist.sum()):
-        return [torch.full(g().shape, k > 0, dtype=torch.bool) for g in get]
-    # pass 2: the k-th value lies in the first bucket whose running count reaches k
-    cum = hist.cumsum(0)
-    bucket = int(torch.searchsorted(cum, torch.tensor(k)))
-    below = int(cum[bucket - 1]) if bucket > 0 else 0
-    parts = []
-    for g in get:
-        b = _bits(g()).reshape(-1)
-        parts.append(b[(b >> 16) == bucket].cpu())
-    threshold = int(torch.kthvalue(torch.cat(parts), k - below).values)
-    # pass 3: everything below the threshold; pass 4: ties at it, in position order
-    masks = [_bits(g()) < threshold for g in get]
-    remaining = k - sum(int(m.sum()) for m in masks)
-    for g, m in zip(get, masks, strict=True):
-        if remaining <= 0:
-            break
-        tied = (_bits(g()).reshape(-1) == threshold).nonzero().squeeze(1)[:remaining]
-        m.view(-1)[tied.to(m.device)] = True
-        remaining -= tied.numel()
-    return masks
-
-
-def _bits(s: torch.Tensor) -> torch.Tensor:
-    """float32 bit patterns as int32, ordered like the (non-negative) values."""
-    s = s.float().contiguous()
-    if bool((s.view(torch.int32) < 0).any()):  # -0.0 (or a negative): copy with abs
-        s = s.abs()
-    return s.view(torch.int32)
-
-
-def _lowest_per_row(score: torch.Tensor, ratio: float, transposed: bool) -> torch.Tensor:
-    s = score.T if transposed else score  # rows = output units
-    k = round_half_up(ratio * s.shape[1])
-    order = torch.sort(s.float(), dim=1, stable=True).indices[:, :k]
-    m = torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True)
-    return m.T.contiguous() if transposed else m
 
 
 def _checked_dense(scores: Scores, name: str) -> torch.Tensor:

@@ -29,16 +29,10 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
-    Idefics3Config,
     Idefics3Processor,
-    LlamaConfig,
-    LlavaConfig,
     LlavaProcessor,
-    PaliGemmaConfig,
     PaliGemmaProcessor,
     PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2VLConfig,
     Qwen2VLProcessor,
 )
 
@@ -50,6 +44,16 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 from transformers.utils import is_torchvision_available
+
+from dowser.tiny_configs import (
+    CONFIGS,
+    IMAGE_SIZE,
+    NUM_HEADS,
+    PATCH_SIZE,
+    VISION_LAYERS,
+    VISION_WIDTH,
+    text_config,
+)
 
 ARCHS: tuple[str, ...] = ("llama", "qwen2", "llava", "qwen2_vl", "idefics3", "paligemma")
 TEXT_ARCHS: tuple[str, ...] = ("llama", "qwen2")
@@ -64,11 +68,6 @@ IMAGE_PLACEHOLDER: dict[str, str] = {
     "paligemma": "<image>",
 }
 
-IMAGE_SIZE = 32  # side in pixels of the square images the vision towers see
-PATCH_SIZE = 8  # so an image is a 4x4 grid of patches
-NUM_HEADS = 4  # attention heads of the language decoder, which has 2 key/value heads
-VISION_WIDTH = 32
-VISION_LAYERS = 2
 
 # The token each processor expands the placeholder into, and the other special tokens it looks up.
 _IMAGE_TOKEN: dict[str, str] = {
@@ -259,110 +258,6 @@ _PROCESSORS = {
 }
 
 
-# --- configs -------------------------------------------------------------------------------------
-
-
-def _text_config(tok, vocab_size: int, hidden_size: int, num_layers: int) -> dict:
-    """Language-decoder settings shared by all architectures."""
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=NUM_HEADS,
-        num_key_value_heads=2,
-        head_dim=hidden_size // NUM_HEADS,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-
-
-def _vit_config(vision: dict, **extra) -> dict:
-    """A ViT over 8x8 patches of 32x32 images, for the CLIP, SigLIP and Idefics3 vision towers."""
-    return dict(
-        hidden_size=vision["width"],
-        intermediate_size=2 * vision["width"],
-        num_hidden_layers=vision["layers"],
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
-        **extra,
-    )
-
-
-def _llava_config(tok, text: dict, vision: dict) -> LlavaConfig:
-    return LlavaConfig(
-        vision_config=_vit_config(
-            vision, model_type="clip_vision_model", projection_dim=vision["width"]
-        ),
-        text_config={"model_type": "llama", **text},
-        image_token_index=tok.image_token_id,
-        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
-        vision_feature_select_strategy="default",  # drop CLS, as the processor assumes
-        vision_feature_layer=-1,  # the last layer, so that every vision weight matters
-    )
-
-
-def _qwen2_vl_config(tok, text: dict, vision_size: dict) -> Qwen2VLConfig:
-    # M-RoPE splits each head's rotary frequencies between time, height and width; the three
-    # sections must add up to head_dim / 2. Same 1/4, 3/8, 3/8 split as the real models.
-    half = text["head_dim"] // 2
-    t = half // 4
-    h = (half - t) // 2
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [t, h, half - t - h]}
-    vision = dict(
-        depth=vision_size["layers"],
-        embed_dim=vision_size["width"],
-        hidden_size=text["hidden_size"],  # output width of the patch merger
-        num_heads=2,
-        mlp_ratio=2,
-        patch_size=PATCH_SIZE,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-    )
-    return Qwen2VLConfig(
-        text_config={**text, "rope_parameters": rope},
-        vision_config=vision,
-        image_token_id=tok.image_token_id,
-        video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-        vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
-    )
-
-
-def _idefics3_config(tok, text: dict, vision: dict) -> Idefics3Config:
-    return Idefics3Config(
-        vision_config=_vit_config(vision),
-        text_config={"model_type": "llama", **text},
-        scale_factor=2,
-        image_token_id=tok.image_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-
-
-def _paligemma_config(tok, text: dict, vision: dict) -> PaliGemmaConfig:
-    return PaliGemmaConfig(
-        vision_config=_vit_config(vision, model_type="siglip_vision_model", vision_use_head=False),
-        text_config={"model_type": "gemma", **text},
-        image_token_index=tok.image_token_id,
-        vocab_size=text["vocab_size"],
-        hidden_size=text["hidden_size"],
-        projection_dim=text["hidden_size"],  # the projector maps vision features to text width
-    )
-
-
-_CONFIGS = {
-    "llama": lambda tok, text, vision: LlamaConfig(**text),
-    "qwen2": lambda tok, text, vision: Qwen2Config(**text),
-    "llava": _llava_config,
-    "qwen2_vl": _qwen2_vl_config,
-    "idefics3": _idefics3_config,
-    "paligemma": _paligemma_config,
-}
-
-
 # --- public API ----------------------------------------------------------------------------------
 
 
@@ -388,7 +283,7 @@ def build_model(
     the model's vocabulary size, defaults to `len(tokenizer)` and may be larger (padded
     embeddings). The same `seed` gives bit-identical weights; the global RNG state is untouched.
     """
-    if arch not in _CONFIGS:
+    if arch not in CONFIGS:
         raise ValueError(f"unknown arch {arch!r}, expected one of {ARCHS}")
     if hidden_size % (2 * NUM_HEADS):
         raise ValueError(f"hidden_size must be a multiple of {2 * NUM_HEADS}, got {hidden_size}")
@@ -404,8 +299,8 @@ def build_model(
         vocab_size = len(tok)  # measured after the processor, which may have added tokens
     elif vocab_size < len(tok):
         raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tok)})")
-    text = _text_config(tok, vocab_size, hidden_size, num_layers)
-    config = _CONFIGS[arch](tok, text, {"width": vision_width, "layers": vision_layers})
+    text = text_config(tok, vocab_size, hidden_size, num_layers)
+    config = CONFIGS[arch](tok, text, {"width": vision_width, "layers": vision_layers})
 
     auto = AutoModelForCausalLM if arch in TEXT_ARCHS else AutoModelForImageTextToText
     with torch.random.fork_rng(devices=[]):

@@ -91,7 +91,7 @@ def plan(config: BenchConfig, task: str, phase: str) -> list[dict]:
     d, r = config.last_layers, config.update_ratio
     runs = []
     if phase == "frontier":
-        for method in config.methods:
+        for method in config.task_methods.get(task, config.methods):
             seeds = config.seeds[:1] if method == "zero-shot" else config.seeds
             runs += [
                 _run(task, phase, method, lr, d, r, s)

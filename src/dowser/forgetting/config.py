@@ -28,6 +28,7 @@ class BenchConfig:
     downstream_train: int = 4000  # training examples of a downstream task (digits has 1297)
     downstream_test: int = 500  # held-out test examples of a downstream task
     methods: tuple[str, ...] = METHODS  # rows of the frontier phase
+    task_methods: dict = field(default_factory=dict)  # task -> its frontier rows, if fewer
     lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)  # learning-rate sweep of full-ft
     lr_scale: dict = field(default_factory=lambda: dict(LR_SCALE))  # per-method grid factor
     seeds: tuple[int, ...] = (0, 1)  # fine-tuning seeds; means and standard errors over them

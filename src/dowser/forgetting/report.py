@@ -83,6 +83,7 @@ def summarize(records: list[dict], config) -> dict:
                     np.sqrt(np.sum([p["h_score"]["se"] ** 2 for p in per])) / len(per)
                 ),
                 "a_up_matched": None if None in matched else float(np.mean(matched)),
+                "tasks": [t for t in tasks if m in tasks[t]["methods"]],
                 "best_lr": {
                     t: tasks[t]["methods"][m]["best_lr"] for t in tasks if m in tasks[t]["methods"]
                 },
@@ -158,8 +159,13 @@ def markdown(result: dict) -> str:
     lines = [head + (" WER | WER at matched A_down |" if speech else ""), _rule(5 + 2 * speech)]
     for m in result["methods"]:
         se = f" ± {m['h_score_se']:.3f}" if m["h_score_se"] > 0 else ""
+        # a method run on fewer tasks than the others is averaged over those only
+        some = m.get("tasks", result["tasks"])
+        name = (
+            m["name"] if len(some) == len(result["tasks"]) else f"{m['name']} ({', '.join(some)})"
+        )
         row = (
-            f"| {m['name']} | {m['a_up']:.3f} | {m['a_down']:.3f} | "
+            f"| {name} | {m['a_up']:.3f} | {m['a_down']:.3f} | "
             f"{m['h_score']:.3f}{se} | {_num(m['a_up_matched'])} |"
         )
         if speech:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dowser.probing.capture import TokenMask, is_text_layer, text_mask
-from dowser.probing.probe import last_logits, rademacher
+from dowser.probing.outputs import last_logits, rademacher
 from dowser.probing.synthetic import to_model
 from dowser.targets import Target
 

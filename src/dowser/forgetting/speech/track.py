@@ -160,5 +160,18 @@ def speech_presets():
             ratio_methods=("dowser", "random-mask"),
             encoder_layers=1,
             encoder_methods=("full-ft", "random-mask", "dowser"),
+            # every method on topic; on phonemes (runs of ~100 s on 2 cores) the common
+            # baselines, Dowser, and the best gradient-based and merging methods on topic
+            task_methods={
+                "phonemes": (
+                    "zero-shot",
+                    "full-ft",
+                    "lora",
+                    "random-mask",
+                    "dowser",
+                    "spider",
+                    "model-tailor",
+                )
+            },
         ),
     }

@@ -1,0 +1,72 @@
+"""Ranking score entries: the k lowest over many tensors (exact, deterministic, nested in k)
+and the lowest fraction of each row. Torch only."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def round_half_up(x: float) -> int:
+    """round(x) with halves going up (Python's round() sends 2.5 to 2)."""
+    return int(math.floor(x + 0.5))
+
+
+ScoreSource = torch.Tensor | Callable[[], torch.Tensor]
+
+
+def lowest_k(scores: Sequence[ScoreSource], k: int) -> list[torch.Tensor]:
+    """Bool masks of the k smallest entries over all `scores` (non-negative floats).
+
+    Order: by value, then earlier tensor, then lower flat index, so the result is
+    deterministic and nested in k. The k-th value is found by a radix select over the
+    float32 bit patterns (monotone for non-negative floats), never concatenating.
+
+    `scores` may be tensors or functions returning them: a function is called once per pass
+    (up to four times), so only one dense score matrix exists at a time and the extra memory
+    is one byte per entry (the masks) however many matrices the group holds.
+    """
+    get = [s if callable(s) else (lambda s=s: s) for s in scores]
+    # pass 1: histogram of the top 15 value bits (the sign bit is always 0)
+    hist = torch.zeros(1 << 15, dtype=torch.long)
+    for g in get:
+        hist += torch.bincount((float_bits(g()).reshape(-1) >> 16).long(), minlength=1 << 15).cpu()
+    if k <= 0 or k >= int(hist.sum()):
+        return [torch.full(g().shape, k > 0, dtype=torch.bool) for g in get]
+    # pass 2: the k-th value lies in the first bucket whose running count reaches k
+    cum = hist.cumsum(0)
+    bucket = int(torch.searchsorted(cum, torch.tensor(k)))
+    below = int(cum[bucket - 1]) if bucket > 0 else 0
+    parts = []
+    for g in get:
+        b = float_bits(g()).reshape(-1)
+        parts.append(b[(b >> 16) == bucket].cpu())
+    threshold = int(torch.kthvalue(torch.cat(parts), k - below).values)
+    # pass 3: everything below the threshold; pass 4: ties at it, in position order
+    masks = [float_bits(g()) < threshold for g in get]
+    remaining = k - sum(int(m.sum()) for m in masks)
+    for g, m in zip(get, masks, strict=True):
+        if remaining <= 0:
+            break
+        tied = (float_bits(g()).reshape(-1) == threshold).nonzero().squeeze(1)[:remaining]
+        m.view(-1)[tied.to(m.device)] = True
+        remaining -= tied.numel()
+    return masks
+
+
+def float_bits(s: torch.Tensor) -> torch.Tensor:
+    """float32 bit patterns as int32, ordered like the (non-negative) values."""
+    s = s.float().contiguous()
+    if bool((s.view(torch.int32) < 0).any()):  # -0.0 (or a negative): copy with abs
+        s = s.abs()
+    return s.view(torch.int32)
+
+
+def lowest_per_row(score: torch.Tensor, ratio: float, transposed: bool) -> torch.Tensor:
+    s = score.T if transposed else score  # rows = output units
+    k = round_half_up(ratio * s.shape[1])
+    order = torch.sort(s.float(), dim=1, stable=True).indices[:, :k]
+    m = torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True)
+    return m.T.contiguous() if transposed else m
