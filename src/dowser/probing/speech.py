@@ -139,9 +139,15 @@ def _continue(model, prompts: list[Sample], seq_len: int, pad, eos, suppress, de
         suppress_tokens=suppress or None,
     )
     # transformers' generic generate: Whisper's own adds its timestamp and prompt logic
+    features = batch["input_features"]  # (B, mel bins, frames)
     out = GenerationMixin.generate(
         model,
-        input_features=batch["input_features"],
+        input_features=features,
+        # every frame is real audio; said outright, generate() does not guess it from pad ==
+        # eos (and warn): Whisper's encoder reads the whole window anyway
+        attention_mask=torch.ones(
+            features.shape[0], features.shape[-1], dtype=torch.long, device=features.device
+        ),
         decoder_input_ids=batch["input_ids"],
         generation_config=config,
     )
