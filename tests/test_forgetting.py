@@ -362,6 +362,20 @@ def test_learning_rate_grids():
     assert {r["method"] for r in plan(fewer, "digits", "frontier")} == set(TINY.methods)
 
 
+@pytest.mark.parametrize(
+    "task_methods, message",
+    [
+        ({"wordnet-topc": ("dowser",)}, "not a downstream task"),
+        ({"digits": ("dowser", "dowser-data")}, "may only leave methods out"),
+    ],
+)
+def test_task_methods_typos_fail_before_anything_runs(tmp_path, task_methods, message):
+    config = replace(TINY, methods=("zero-shot", "dowser"), task_methods=task_methods)
+    with pytest.raises(DowserError, match=message):
+        run_benchmark(config, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_sweep_points_are_the_best_over_learning_rates():
     def rec(phase, lr, n, up, down):
         return {

@@ -253,6 +253,7 @@ def run_benchmark(
     """
     from dowser.forgetting.report import summarize, write_report
 
+    _check_task_methods(config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs_path = out / "runs.jsonl"
@@ -322,6 +323,23 @@ def run_benchmark(
     write_report(result, records, out)
     result["runs"] = records
     return result
+
+
+def _check_task_methods(config: BenchConfig) -> None:
+    """task_methods may only leave methods out, and only for tasks that run: a typo would
+    otherwise silently run every method (or a method whose scores were never made)."""
+    for task, rows in config.task_methods.items():
+        if task not in config.downstream:
+            raise DowserError(
+                f"task_methods names {task!r}, which is not a downstream task "
+                f"({', '.join(config.downstream)})"
+            )
+        extra = [m for m in rows if m not in config.methods]
+        if extra:
+            raise DowserError(
+                f"task_methods[{task!r}] has {extra[0]!r}, which is not in methods; "
+                "task_methods may only leave methods out"
+            )
 
 
 def machine() -> dict:

@@ -160,7 +160,7 @@ def markdown(result: dict) -> str:
     for m in result["methods"]:
         se = f" ± {m['h_score_se']:.3f}" if m["h_score_se"] > 0 else ""
         # a method run on fewer tasks than the others is averaged over those only
-        some = m.get("tasks", result["tasks"])
+        some = m["tasks"]
         name = (
             m["name"] if len(some) == len(result["tasks"]) else f"{m['name']} ({', '.join(some)})"
         )
