@@ -109,7 +109,9 @@ def main() -> None:
     ap.add_argument("--no-overlap", action="store_true", help="skip part 2 (no model needed)")
     args = ap.parse_args()
     records = [json.loads(line) for line in Path(args.runs).read_text().splitlines() if line]
-    result = {"runs": args.runs, "matched": matched(records)}
+    from dowser.forgetting.bench import machine
+
+    result = {"runs": args.runs, "machine": machine(), "matched": matched(records)}
     for task, levels in result["matched"].items():
         for fraction, entry in levels.items():
             print(
