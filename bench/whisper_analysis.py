@@ -17,65 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
-from dowser.eval.metrics import mean_stderr, upstream_at
+from dowser.forgetting.matched import matched
 
-LEVELS = (0.5, 0.7, 0.9)  # of the way from zero-shot's A_down to full-ft's best (seed means)
-BASELINES = ("random-mask", "full-ft")
 MASKS = ("dowser", "dowser-rms", "magnitude-mask", "wanda-mask", "random-mask")
-
-
-def _curves(records: list[dict], task: str, y: str) -> dict:
-    """method -> seed -> [(A_down, y)] over the frontier's learning rates."""
-    out: dict = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        if r["task"] == task and r["phase"] == "frontier" and r.get(y) is not None:
-            out[r["method"]][r["seed"]].append((r["a_down"], r[y]))
-    return out
-
-
-def _stats(values: list[float]) -> dict:
-    mean, se = mean_stderr(values)
-    return {"mean": round(mean, 4), "se": round(se, 4), "n": len(values)}
-
-
-def matched(records: list[dict]) -> dict:
-    """Per task and level: each method's matched A_up and WER, and paired differences."""
-    result = {}
-    for task in dict.fromkeys(r["task"] for r in records):
-        full = defaultdict(list)
-        zero = [r["a_down"] for r in records if r["task"] == task and r["method"] == "zero-shot"]
-        for r in records:
-            if r["task"] == task and r["phase"] == "frontier" and r["method"] == "full-ft":
-                full[r["lr"]].append(r["a_down"])
-        best = max(sum(v) / len(v) for v in full.values())
-        start = sum(zero) / len(zero) if zero else 0.0
-        per_level = {}
-        for fraction in LEVELS:
-            level = start + fraction * (best - start)
-            row = {}
-            for y in ("a_up", "wer"):
-                curves = _curves(records, task, y)
-                at = {
-                    m: {s: upstream_at(c, level) for s, c in seeds.items()}
-                    for m, seeds in curves.items()
-                }
-                for m, seeds in at.items():
-                    if None in seeds.values() or m == "zero-shot":
-                        continue
-                    entry = row.setdefault(m, {})
-                    entry[y] = _stats(list(seeds.values()))
-                    for b in BASELINES:
-                        if b == m or b not in at or None in at[b].values():
-                            continue
-                        common = sorted(set(seeds) & set(at[b]))
-                        diffs = [seeds[s] - at[b][s] for s in common]
-                        entry[f"{y}_minus_{b}"] = _stats(diffs)
-            per_level[f"{fraction:g}"] = {"a_down": round(level, 4), "methods": row}
-        result[task] = per_level
-    return result
 
 
 def overlaps(cache: Path | None) -> dict:

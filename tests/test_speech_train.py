@@ -320,3 +320,16 @@ def test_speech_user_errors_name_the_problem(
         capsys,
     )
     assert code == 2 and '"audio"' in err
+
+
+def test_task_aware_mask_from_audio_data(whisper_dir, speech_data, tmp_path):
+    from dowser.cli import main
+
+    scores, mask = tmp_path / "s.safetensors", tmp_path / "m.safetensors"
+    assert main(["probe", str(whisper_dir), "--out", str(scores), *FAST]) == 0
+    argv = ["mask", str(scores), "--model", str(whisper_dir), "--out", str(mask)]
+    argv += ["--task-data", str(speech_data / "train.jsonl"), "--task-examples", "4"]
+    assert main(argv) == 0
+    built = dowser.Mask.load(mask)
+    assert built.meta["task_examples"] == 4 and built.meta["combine"] == "split"
+    assert any("encoder_attn" in n for n in built)  # cross-attention is scored and masked

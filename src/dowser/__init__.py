@@ -3,11 +3,16 @@
 scores = dowser.probe(model, tokenizer=tok)          # once per base model, no data
 mask = dowser.build_mask(model, scores, update_ratio=0.1, last_layers=20)
 mask.save("mask.safetensors")
+
+# a task-aware mask: also what a few batches of the fine-tuning data say about each entry
+grads = dowser.task_gradients(model, batches)        # batches with labels
+mask = dowser.build_mask(model, scores, update_ratio=0.1, task_scores=grads)
 """
 
 from dowser.errors import DowserError
 from dowser.mask import Mask, build_mask
 from dowser.probing import ESTIMATORS, probe
+from dowser.probing.task import task_gradients
 from dowser.scores import Scores
 from dowser.train import (
     GradientMask,
@@ -35,6 +40,7 @@ __all__ = [
     "probe",
     "save_delta",
     "save_merged",
+    "task_gradients",
 ]
 
 

@@ -9,6 +9,11 @@
 - "layer":  all selected matrices of one decoder layer together;
 - "global": all selected matrices together.
 
+`structure` "row" or "column" (tensor scope) trains whole output rows or input columns, the
+ones with the lowest summed score: cheaper kernels and smaller deltas. `task_scores` (from
+`dowser.task_gradients`) makes the mask task-aware: per matrix, the entries that matter little
+upstream and much downstream train, ranked by `combine` (see `dowser.ranking.combine_task`).
+
 Exactly round(update_ratio * numel) entries of a group are trainable (half rounds up; "row"
 rounds per row). Ties are broken by position: an earlier matrix (model order), then a lower
 flat index, is trainable first. With this strict order a smaller ratio's trainable set always
@@ -31,20 +36,20 @@ from torch import nn
 from dowser.errors import DowserError
 from dowser.fingerprint import mismatches
 from dowser.io import PathLike, corrupt, load_safetensors, save_safetensors
-from dowser.ranking import lowest_k, lowest_per_row, round_half_up
+from dowser.ranking import (
+    COMBINES,
+    combine_task,
+    lowest_k,
+    lowest_lines,
+    lowest_per_row,
+    round_half_up,
+)
 from dowser.scores import Scores, _describe
-from dowser.targets import find_decoder_layers
+from dowser.selection import last_layers_only, rank_groups, select_weights
 from dowser.version import __version__
 
 SCOPES = ("tensor", "row", "layer", "global")
-KINDS = ("attn", "mlp", "other")
-GROUP_WORDS = {
-    "decoder": "decoder",
-    "lm_head": "lm_head",
-    "encoder": "encoder",
-    "vision": "encoder",
-    "projector": "projector",
-}
+STRUCTURES = ("entry", "row", "column")
 FORMAT = 1
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -180,6 +185,10 @@ def build_mask(
     targets: str = "attn,mlp",
     last_layers: int | None = None,
     scope: str = "tensor",
+    structure: str = "entry",
+    task_scores: Scores | None = None,
+    combine: str = "split",
+    pool: float = 2.0,
 ) -> Mask:
     """Freeze the important weights: the lowest-scoring `update_ratio` of each group trains.
 
@@ -192,17 +201,29 @@ def build_mask(
             separated; or a regex searched in parameter names.
         last_layers: only the last N decoder layers (reference: 20 of 32 for LLaVA-1.5-7B).
         scope: "tensor", "row", "layer" or "global" (see module doc).
+        structure: "entry" (any entries), "row" or "column" (whole lines; tensor scope).
+        task_scores: `dowser.task_gradients` of the fine-tuning data: a task-aware mask.
+        combine: how task_scores and scores rank together: "split", "ratio" or "task".
+        pool: for "split", the candidates are the pool * rho least important (>= 1; all
+            entries when pool * rho >= 1).
     """
     ratio = _check_ratio(update_ratio)
-    if scope not in SCOPES:
-        raise DowserError(f"scope={scope!r}: choose one of {', '.join(SCOPES)}")
+    _check_options(scope, structure, task_scores, combine)
+    if isinstance(pool, bool) or not isinstance(pool, (int, float)) or not 1 <= pool < math.inf:
+        raise DowserError(f"pool={pool!r}: use a number >= 1 (times the trainable count)")
     scores.bind(model)
-    names = _select(scores, targets)
+    if task_scores is not None:
+        task_scores.bind(model)
+    names = select_weights(scores, targets)
     if last_layers is not None:
-        names = _last_layers(model, scores, names, last_layers)
-    groups = _groups(scores, names, scope)
+        names = last_layers_only(model, scores, names, last_layers)
+    groups = rank_groups(scores, names, scope)
     masks: dict[str, torch.Tensor] = {}
     for group in groups:
+        if task_scores is not None or structure != "entry":
+            (name,) = group
+            masks[name] = _structured(scores, task_scores, name, ratio, structure, combine, pool)
+            continue
         if scope == "row":
             (name,) = group
             dense = _checked_dense(scores, name)
@@ -235,7 +256,16 @@ def build_mask(
         "last_layers": last_layers,
         "scope": scope,
         "estimator": scores.meta.get("estimator"),
+        "weight_power": scores.weight_power,
+        "structure": structure,
     }
+    if task_scores is not None:
+        meta |= {
+            "combine": combine,
+            "pool": pool,
+            "task_estimator": task_scores.meta.get("estimator"),
+            "task_examples": task_scores.meta.get("num_samples"),
+        }
     info = {
         n: {"layer": t.layer, "kind": t.kind, "group": t.group}
         for n, t in scores.targets.items()
@@ -243,6 +273,46 @@ def build_mask(
     }
     fps = {n: scores.fingerprints[n] for n in masks}
     return Mask(masks, meta=meta, info=info, fingerprints=fps)
+
+
+def _check_options(scope: str, structure: str, task_scores: Scores | None, combine: str) -> None:
+    if scope not in SCOPES:
+        raise DowserError(f"scope={scope!r}: choose one of {', '.join(SCOPES)}")
+    if structure not in STRUCTURES:
+        raise DowserError(f"structure={structure!r}: choose one of {', '.join(STRUCTURES)}")
+    if combine not in COMBINES:
+        raise DowserError(f"combine={combine!r}: choose one of {', '.join(COMBINES)}")
+    if task_scores is not None and structure != "entry":
+        raise DowserError("a task-aware mask picks entries: use structure='entry' with it")
+    if (task_scores is not None or structure != "entry") and scope != "tensor":
+        raise DowserError(
+            f"scope={scope!r}: structured and task-aware masks rank within each matrix; "
+            "use scope='tensor'"
+        )
+
+
+def _structured(
+    scores: Scores,
+    task_scores: Scores | None,
+    name: str,
+    ratio: float,
+    structure: str,
+    combine: str,
+    pool: float,
+) -> torch.Tensor:
+    """One matrix's mask from whole lines, or from the upstream and task scores together."""
+    up = _checked_dense(scores, name)
+    transposed = scores.targets[name].transposed
+    if task_scores is None:
+        return lowest_lines(up, ratio, transposed, structure)
+    if name not in task_scores:
+        raise DowserError(
+            f"the task gradients do not cover {name}: compute them for the same layers as "
+            "the scores (task_gradients(model, batches, layers=...))"
+        )
+    k = round_half_up(ratio * up.numel())
+    key = combine_task(up, _checked_dense(task_scores, name), k, combine, pool)
+    return lowest_k([key], k)[0]
 
 
 def _numel(scores: Scores, group: list[str]) -> int:
@@ -267,63 +337,6 @@ def _check_ratio(update_ratio: float) -> float:
             "matrix left trainable, e.g. 0.1"
         )
     return float(update_ratio)
-
-
-def _select(scores: Scores, targets: str) -> list[str]:
-    words = [w.strip() for w in targets.split(",") if w.strip()]
-    if words and all(w in KINDS or w in GROUP_WORDS or w == "all" for w in words):
-
-        def wanted(t) -> bool:
-            return (
-                "all" in words
-                or (t.group == "decoder" and (t.kind in words or "decoder" in words))
-                or any(GROUP_WORDS.get(w) == t.group and w != "decoder" for w in words)
-            )
-
-        names = [n for n, t in scores.targets.items() if wanted(t)]
-    else:
-        try:
-            pattern = re.compile(targets)
-        except re.error as e:
-            raise DowserError(
-                f"targets={targets!r} is neither module types nor a regex: {e}"
-            ) from None
-        names = [n for n in scores.names if pattern.search(n)]
-    if not names:
-        raise DowserError(
-            f"targets={targets!r} selects none of the {len(scores)} scored weights; use "
-            f"attn, mlp, decoder, lm_head, encoder, projector, all, or a regex over names "
-            f"such as {scores.names[0]!r}"
-        )
-    return names
-
-
-def _last_layers(model: nn.Module, scores: Scores, names: list[str], n: int) -> list[str]:
-    dec = find_decoder_layers(model)
-    if dec is None:
-        raise DowserError("last_layers needs a model with a decoder layer stack")
-    depth = len(dec[1])
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= depth:
-        raise DowserError(f"last_layers={n!r}: the decoder has {depth} layers; use 1..{depth}")
-    keep = []
-    for name in names:
-        t = scores.targets[name]
-        if t.group != "decoder" or t.layer >= depth - n:
-            keep.append(name)
-    return keep
-
-
-def _groups(scores: Scores, names: list[str], scope: str) -> list[list[str]]:
-    if scope in ("tensor", "row"):
-        return [[n] for n in names]
-    if scope == "global":
-        return [names]
-    by_layer: dict[object, list[str]] = {}
-    for n in names:
-        t = scores.targets[n]
-        key = ("layer", t.layer) if t.group == "decoder" else ("tensor", n)
-        by_layer.setdefault(key, []).append(n)
-    return list(by_layer.values())
 
 
 def _pack(t: torch.Tensor) -> torch.Tensor:

@@ -70,3 +70,59 @@ def lowest_per_row(score: torch.Tensor, ratio: float, transposed: bool) -> torch
     order = torch.sort(s.float(), dim=1, stable=True).indices[:, :k]
     m = torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True)
     return m.T.contiguous() if transposed else m
+
+
+COMBINES = ("ratio", "split", "task")
+
+
+def combine_task(
+    up: torch.Tensor, task: torch.Tensor, k: int, rule: str, pool: float = 2.0
+) -> torch.Tensor:
+    """A non-negative key whose k lowest entries are the task-aware mask's trainable ones.
+
+    `up` is the upstream score S (low = unimportant to what the model knew), `task` the task
+    gradient G (high = useful to the new task), both of one matrix's shape:
+
+        "ratio": S / (G + eps), eps = 1e-3 mean(G): little upstream per unit of task use
+        "split": among the pool * k lowest S, the k largest G (upstream first, then the task)
+        "task":  the k largest G, ignoring S (the control: is the upstream score needed?)
+    """
+    task = task.float()
+    if rule == "ratio":
+        eps = 1e-3 * float(task.mean()) + 1e-30  # an entry with G = 0 must still rank
+        return up.float() / (task + eps)
+    top = float(task.max()) - task  # lowest = largest G
+    if rule == "task":
+        return top
+    if rule == "split":
+        candidates = lowest_k([up], min(round_half_up(pool * k), up.numel()))[0]
+        return torch.where(candidates, top, torch.full_like(top, float("inf")))
+    raise ValueError(f"unknown rule {rule!r}")
+
+
+def lowest_lines(score: torch.Tensor, ratio: float, transposed: bool, axis: str) -> torch.Tensor:
+    """Whole rows (output units) or columns (input features) with the lowest summed score:
+    round(ratio * lines) of them trainable, every entry of a chosen line."""
+    s = score.T if transposed else score  # (d_out, d_in)
+    line = s.float().sum(1 if axis == "row" else 0)
+    pick = lowest_k([line], round_half_up(ratio * line.numel()))[0]
+    m = (pick[:, None] if axis == "row" else pick[None, :]).expand(s.shape)
+    return (m.T if transposed else m).contiguous()
+
+
+def soft_scale(score: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """Per-entry update scale of a soft mask: within `pool` (bool, the trainable entries) the
+    entry of rank r by score (0 = least important) of n gets 1 - r / n, everything else 0.
+
+    The mean over the pool is about 1/2, so a pool of 2 rho of a matrix moves as much in
+    total as a hard mask of rho at the same learning rate. Shape and device of `score`.
+    """
+    scale = torch.zeros(score.shape, dtype=torch.float32, device=score.device)
+    values = score.float()[pool]
+    n = values.numel()
+    if n:
+        order = torch.sort(values, stable=True).indices
+        ranks = torch.empty_like(order)
+        ranks[order] = torch.arange(n, device=order.device)
+        scale[pool] = 1 - ranks.float() / n
+    return scale

@@ -4,9 +4,11 @@ For each probed weight W (d_out x d_in) probing keeps K observations (psi_k, a_k
 psi_k (d_out) a sensitivity vector, a_k (d_in) a mean |input| vector, w_k the number of
 (batch, probe) pairs behind them. The score is
 
-    S = |W| * (sum_k w_k psi_k a_k^T) / sum_k w_k            (d_out, d_in), float32
+    S = |W|^gamma * (sum_k w_k psi_k a_k^T) / sum_k w_k      (d_out, d_in), float32
 
-a rank-K sum of outer products, so nothing dense is stored: a file holds the vectors plus
+with gamma = meta["weight_power"] (1, the paper's pruning score, unless the scores were probed
+with another: 0 gives the drift score ||J_i|| |h_j|, the output change per unit step of W_ij
+whatever its size), a rank-K sum of outer products, so nothing dense is stored: a file holds the vectors plus
 metadata, and `dense(name)` forms one matrix when asked. The estimators that are not a
 product of separate means ("tokenwise", "gradient") keep the whole factor matrix instead
 (`Factors.full`, d_out x d_in float32: the size of the weight in fp32). Conv1D weights
@@ -118,8 +120,28 @@ class Scores:
         c = self._factors(name).outer()
         return c.T if self.targets[name].transposed else c
 
+    @property
+    def weight_power(self) -> float:
+        """gamma in S = |W|^gamma * factor (1 unless probed with another)."""
+        return float(self.meta.get("weight_power", 1.0))
+
+    def with_weight_power(self, gamma: float) -> Scores:
+        """The same probe with another gamma (no new probing: the factors do not depend on it);
+        shares the factors, bound to the same model."""
+        ok = isinstance(gamma, (int, float)) and not isinstance(gamma, bool)
+        if not ok or not 0 <= gamma <= 4:
+            raise DowserError(f"weight_power={gamma!r}: use a number in [0, 4]")
+        other = Scores(
+            self.factors,
+            self.targets,
+            {**self.meta, "weight_power": float(gamma)},
+            self.fingerprints,
+        )
+        other._params = self._params
+        return other
+
     def dense(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """S = |W| * factor for weight `name`: float32, the parameter's shape and device."""
+        """S = |W|^gamma * factor for weight `name`: float32, the parameter's shape and device."""
         if weight is None:
             if self._params is None:
                 raise DowserError(
@@ -132,7 +154,11 @@ class Scores:
             raise DowserError(
                 f"{name}: weight shape {tuple(weight.shape)} != score {tuple(c.shape)}"
             )
-        return weight.detach().abs().float().mul_(c)
+        gamma = self.weight_power
+        if gamma == 0:
+            return c.float().clone()
+        w = weight.detach().abs().float()
+        return (w if gamma == 1 else w.pow_(gamma)).mul_(c)
 
     def _factors(self, name: str) -> Factors:
         try:

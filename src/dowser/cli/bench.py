@@ -1,4 +1,4 @@
-"""`dowser demo` and `dowser bench forgetting | estimators`: the forgetting benchmarks.
+"""`dowser demo` and `dowser bench forgetting | estimators | recipes`: the forgetting benchmarks.
 
 The demo is the benchmark's "demo" preset: pretrain (first run only; then from the cache) the
 built-in LLaVA on Fashion-MNIST and WordNet, probe it without data, fine-tune it on sklearn
@@ -114,11 +114,40 @@ def run_estimators(
     """The estimator study's `preset` into `out`; print and return its summary."""
     from dowser.forgetting.estimators import PRESETS, markdown, run_study
 
-    _check_missing_packages()
+    summary = _study(run_study, PRESETS[preset], out, "llava", overwrite, resume, cache, progress)
+    print(markdown(summary))
+    print(f"wrote {out}/estimators.json, {out}/estimators.md and {', '.join(summary['plots'])}")
+    return summary
+
+
+def run_recipes_cli(
+    preset: str,
+    out: Path,
+    *,
+    model: str = "llava",
+    overwrite: bool = False,
+    resume: bool = False,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """The recipe study's `preset` on `model` into `out`; print and return its summary."""
+    from dowser.forgetting.recipes import recipe_presets
+    from dowser.forgetting.recipes_report import markdown, run_recipes
+
+    config = recipe_presets(model)[preset]
+    summary = _study(run_recipes, config, out, model, overwrite, resume, cache, progress)
+    print(markdown(summary))
+    print(f"wrote {out}/recipes.json, {out}/recipes.md and the benchmark's results")
+    return summary
+
+
+def _study(run, config, out, model, overwrite, resume, cache, progress) -> dict:
+    """Check the requirements and OUT, then `run(config, OUT, ...)` (a resumable study)."""
+    _check_missing_packages(model)
     out = Path(out)
     _prepare_out(out, overwrite=overwrite, resume=resume, can_resume=True)
-    summary = run_study(
-        PRESETS[preset],
+    summary = run(
+        config,
         out,
         resume=resume,
         overwrite=overwrite,
@@ -126,8 +155,6 @@ def run_estimators(
         progress=progress,
     )
     print()
-    print(markdown(summary))
-    print(f"wrote {out}/estimators.json, {out}/estimators.md and {', '.join(summary['plots'])}")
     return summary
 
 
@@ -226,6 +253,34 @@ def add_parser(sub) -> None:
     e.add_argument("--resume", action="store_true", help="keep the runs already in --out")
     bench_options(e)
     e.set_defaults(func=_cmd_bench_estimators)
+    r = bsub.add_parser(
+        "recipes",
+        help="which mask recipe keeps the most, at matched downstream accuracy",
+        description=(
+            "Train every mask recipe (drift scores, task-aware, row/column-structured) beside "
+            "full-ft, random-mask and SPIDER over learning-rate frontiers and seeds, and write "
+            "recipes.json and recipes.md (matched comparisons, costs) besides the benchmark's "
+            "results to --out; --resume continues."
+        ),
+    )
+    r.add_argument("--out", default="recipes-out", help="output directory")
+    r_size = r.add_mutually_exclusive_group()
+    r_size.add_argument("--quick", action="store_true", help="one seed, one learning rate")
+    r_size.add_argument(
+        "--preset",
+        choices=("quick", "full", "all"),
+        default=None,
+        help="default: full (the published figures); all: every recipe on every task",
+    )
+    r.add_argument(
+        "--model",
+        choices=("llava", "whisper-tiny-en"),
+        default="llava",
+        help="llava: the built-in LLaVA (default); whisper-tiny-en: Whisper tiny.en on speech",
+    )
+    r.add_argument("--resume", action="store_true", help="keep the runs already in --out")
+    bench_options(r)
+    r.set_defaults(func=_cmd_bench_recipes)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -249,6 +304,18 @@ def _cmd_bench_estimators(args: argparse.Namespace) -> None:
     run_estimators(
         "quick" if args.quick else (args.preset or "full"),
         Path(args.out),
+        overwrite=args.overwrite,
+        resume=args.resume,
+        cache=args.cache,
+        progress=not args.quiet,
+    )
+
+
+def _cmd_bench_recipes(args: argparse.Namespace) -> None:
+    run_recipes_cli(
+        "quick" if args.quick else (args.preset or "full"),
+        Path(args.out),
+        model=args.model,
         overwrite=args.overwrite,
         resume=args.resume,
         cache=args.cache,

@@ -83,6 +83,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--no-lm-head", action="store_true", help="do not score the output head")
     p.add_argument(
+        "--weight-power",
+        type=float,
+        default=1.0,
+        help="gamma in S = |W|^gamma ||J|| |h|: 1 the paper's score (default), 0 the drift "
+        "score without |W| (see README: mask recipes)",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="seed for token draws, noise, sampling and probes"
     )
     p.add_argument(
@@ -155,6 +162,7 @@ def run(args: argparse.Namespace) -> None:
         include_lm_head=not args.no_lm_head,
         seed=args.seed,
         progress=not args.quiet,
+        weight_power=args.weight_power,
     )
     scores.save(out, overwrite=args.overwrite)
     print(f"wrote {out}: scores for {len(scores)} weights ({args.estimator})")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dowser.forgetting.report import COLORS, _num, _pm, _save
+from dowser.forgetting.report import _num, _pm, _save
+from dowser.forgetting.style import COLORS
 
 NOISES = {"kl": "relative", "kl_absolute": "absolute"}  # result key -> perturbation noise
 

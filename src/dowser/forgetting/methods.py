@@ -18,6 +18,21 @@ learning rate, on the same decoder matrices (q/k/v/o/gate/up/down of the last N 
                     `dowser bench estimators`; see PROBED)
     dowser-data     (analysis only) dowser probed on the pretraining data instead of
                     self-generated inputs: what the synthetic probe costs
+    dowser-drift, dowser-sqrt-w, dowser-gradient-drift
+                    the drift scores: |W|^gamma ||J|| |h| with gamma 0 or 0.5 (the recipe
+                    study, `dowser bench recipes`; see PROBED)
+    dowser-task-split, dowser-task-ratio, task-gradient-mask (and -n16, -n64: fewer examples)
+                    task-aware masks: dowser's scores with the task gradients of the first
+                    TASK_EXAMPLES downstream training examples (see TASK_AWARE)
+    dowser-random-half
+                    a random rho of each matrix drawn from its half with the lowest dowser
+                    scores: avoid the important entries rather than pick the least
+    dowser-rows, dowser-columns
+                    whole output rows / input columns with the lowest summed dowser score
+    dowser-spider, random-mask-spider
+                    the dowser (random) mask's entries trained with SPIDER's hooks
+    dowser-soft     a soft mask: the 2 rho lowest dowser scores train, each entry's update
+                    scaled by 1 - rank / n (about rho's update budget; `dowser.train.soft`)
     spider          full-ft with SPIDER's per-step interpolation back towards W0
     model-tailor    full-ft, then keep rho of each matrix's entries by Model Tailor's
                     score, revert the rest, with OBS compensation from the task inputs
@@ -34,7 +49,7 @@ import copy
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -47,9 +62,11 @@ from dowser.forgetting.encode import Encoded
 from dowser.forgetting.train import Examples, train_loop
 from dowser.mask import Mask, build_mask
 from dowser.probing.capture import text_mask
+from dowser.ranking import soft_scale
 from dowser.scores import Scores
 from dowser.targets import _block_lists, find_decoder_layers
 from dowser.train.masking import mask_gradients, prepare_model
+from dowser.train.soft import UpdateScale
 
 METHODS: tuple[str, ...] = (
     "zero-shot",
@@ -76,8 +93,37 @@ PROBED = {
     "dowser-activation": {"estimator": "activation"},
     "dowser-wanda": {"estimator": "wanda"},
     "dowser-data": {"estimator": "mean-abs"},
+    "dowser-drift": {"estimator": "mean-abs", "weight_power": 0.0},
+    "dowser-sqrt-w": {"estimator": "mean-abs", "weight_power": 0.5},
+    "dowser-gradient-drift": {"estimator": "gradient", "weight_power": 0.0},
 }
-MASKED = ("random-mask", "magnitude-mask", "wanda-mask", *PROBED)
+TASK_EXAMPLES = 256  # downstream training examples behind a task-aware mask's gradients
+# task-aware masks: method -> (build_mask's combine rule, downstream examples, pool);
+# 0 examples: uniform random "task" scores, i.e. a random mask inside the pool * rho least
+# important entries (data-free: avoid the important entries instead of picking the least)
+TASK_AWARE = {
+    "dowser-task-split": ("split", TASK_EXAMPLES, 2.0),
+    "dowser-task-ratio": ("ratio", TASK_EXAMPLES, 2.0),
+    "task-gradient-mask": ("task", TASK_EXAMPLES, 2.0),
+    "dowser-task-split-n16": ("split", 16, 2.0),
+    "dowser-task-split-n64": ("split", 64, 2.0),
+    "dowser-random-half": ("split", 0, 5.0),
+}
+STRUCTURED = {"dowser-rows": "row", "dowser-columns": "column"}
+# soft masks: method -> pool (times rho) whose entries train with update scales 1 - rank / n
+SOFT = {"dowser-soft": 2.0}
+# a mask's entries trained with SPIDER's pull back towards W0: method -> the mask's method
+WITH_SPIDER = {"dowser-spider": "dowser", "random-mask-spider": "random-mask"}
+MASKED = (
+    "random-mask",
+    "magnitude-mask",
+    "wanda-mask",
+    *PROBED,
+    *TASK_AWARE,
+    *STRUCTURED,
+    *SOFT,
+    *WITH_SPIDER,
+)
 MERGED = ("model-tailor", "dare", "grafting")
 ANALYSIS = ("dowser-data",)  # rows for finding out why, not among the compared methods
 # learning-rate grid factor: a masked step changes rho = 0.1 of the entries (bench doc)
@@ -136,6 +182,17 @@ class ScoreBank:
             return magnitude_scores(self.base, layers)
         if method == "wanda-mask":
             return wanda_scores(self.base, _input_batches(data, WANDA_EXAMPLES), layers)
+        if method in WITH_SPIDER:
+            return self.get(WITH_SPIDER[method], seed=seed, task="", data=data, layers=layers)
+        if method in TASK_AWARE or method in STRUCTURED or method in SOFT:
+            return self.get("dowser", seed=seed, task="", data=data, layers=layers)
+        args = dict(PROBED[method])
+        gamma = args.pop("weight_power", None)
+        if gamma is not None and method != "dowser-data":
+            # the same probe as the method without weight_power, with another gamma
+            same = next(m for m, a in PROBED.items() if a == args and m != "dowser-data")
+            scores = self.get(same, seed=seed, task="", data=data, layers=layers)
+            return scores.with_weight_power(gamma)
         from dowser.probing import probe
 
         kwargs = {"images": "noise", "progress": False, "layers": layers, **self.probe_kwargs}
@@ -155,6 +212,35 @@ class ScoreBank:
             ]
         return probe(self.base, processor=self.processor, **PROBED[method], **kwargs)
 
+    def mask_options(
+        self,
+        method: str,
+        *,
+        task: str,
+        data: Examples,
+        layers: str | None,
+        seed: int = 0,
+        loss_fn=None,
+    ) -> dict:
+        """Extra `build_mask` arguments of `method`: the structure, or the task gradients."""
+        if method in STRUCTURED:
+            return {"structure": STRUCTURED[method]}
+        if method not in TASK_AWARE:
+            return {}
+        rule, n, pool = TASK_AWARE[method]
+        key = ("task-gradients", task, n, layers)
+        if n == 0:
+            key = ("random", seed, layers)
+            if key not in self._cache:
+                self._cache[key] = random_scores(self.base, layers, seed=seed)
+        elif key not in self._cache:
+            from dowser.probing.task import task_gradients
+
+            n = min(n, len(data))
+            batches = [data.batch(range(i, min(i + 16, n))) for i in range(0, n, 16)]
+            self._cache[key] = task_gradients(self.base, batches, layers=layers, loss_fn=loss_fn)
+        return {"task_scores": self._cache[key], "combine": rule, "pool": pool}
+
 
 def tuned_layers(model: nn.Module, setting: Setting) -> str | None:
     """`layers` (as `select_targets`) covering what `setting` tunes: None for the decoder
@@ -173,8 +259,9 @@ def tuned_layers(model: nn.Module, setting: Setting) -> str | None:
     return rf"^{re.escape(decoder)}\.|^{re.escape(path)}\.({tail})\."
 
 
-def tuned_mask(model: nn.Module, setting: Setting, scores: Scores | None = None) -> Mask:
-    """The mask over the tuned matrices: all-trainable without `scores`."""
+def tuned_mask(model: nn.Module, setting: Setting, scores: Scores | None = None, **options) -> Mask:
+    """The mask over the tuned matrices: all-trainable without `scores`; `options` go to
+    `build_mask` (structure, task_scores, combine)."""
     targets = "attn,mlp,encoder" if setting.encoder_layers else "attn,mlp"
     if scores is None:
         scores = magnitude_scores(model, tuned_layers(model, setting))
@@ -182,7 +269,12 @@ def tuned_mask(model: nn.Module, setting: Setting, scores: Scores | None = None)
     else:
         ratio = setting.update_ratio
     return build_mask(
-        model, scores, update_ratio=ratio, targets=targets, last_layers=setting.last_layers
+        model,
+        scores,
+        update_ratio=ratio,
+        targets=targets,
+        last_layers=setting.last_layers,
+        **options,
     )
 
 
@@ -227,9 +319,20 @@ def fine_tune(
     elif method in MASKED:
         layers = tuned_layers(model, setting)
         scores = bank.get(method, seed=setting.seed, task=task, data=data, layers=layers)
-        mask = tuned_mask(model, setting, scores)
+        options = bank.mask_options(method, task=task, data=data, layers=layers, loss_fn=loss_fn)
+        if method in SOFT:  # the pool of entries that may move, each at its own scale
+            pool = min(1.0, SOFT[method] * setting.update_ratio)
+            setting = replace(setting, update_ratio=pool)
+        mask = tuned_mask(model, setting, scores, **options)
         handle = mask_gradients(model, mask)
         attach = handle.attach
+        if method in SOFT:
+            scaler = UpdateScale(
+                model, {n: soft_scale(scores.dense(n), m) for n, m in mask.items()}
+            )
+            attach = lambda opt: _Both(handle.attach(opt), scaler.attach(opt))  # noqa: E731
+        elif method in WITH_SPIDER:
+            attach = lambda opt: _Both(handle.attach(opt), spider(model, opt))  # noqa: E731
     else:
         prepare_model(model, full)
         if method == "spider":
@@ -255,6 +358,17 @@ def fine_tune(
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), losses
+
+
+class _Both:
+    """Two hook handles removed together."""
+
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dowser.eval.metrics import mean_stderr, upstream_at
+from dowser.forgetting.style import _style
 
 MATCH_LEVEL = 0.9  # matched comparison at this fraction of full-ft's best A_down
 
@@ -321,43 +322,6 @@ def _frontier(plt, curves: dict, y: str, ylabel: str, title: str, level, path: P
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     return _save(fig, path)
-
-
-COLORS = {  # one fixed colour per method, the same in every plot
-    "zero-shot": "black",
-    "full-ft": "tab:gray",
-    "lora": "tab:olive",
-    "random-mask": "tab:red",
-    "magnitude-mask": "tab:brown",
-    "wanda-mask": "tab:pink",
-    "dowser": "tab:blue",
-    "dowser-rms": "tab:cyan",
-    "dowser-data": "navy",
-    "dowser-tokenwise": "tab:green",
-    "dowser-gradient": "darkviolet",
-    "dowser-all-positions": "teal",
-    "dowser-log-probs": "royalblue",
-    "dowser-activation": "darkorange",
-    "dowser-wanda": "hotpink",
-    "spider": "tab:orange",
-    "model-tailor": "tab:green",
-    "dare": "tab:purple",
-    "grafting": "gold",
-}
-
-
-def _style(name: str) -> dict:
-    ours = name.startswith("dowser")
-    style = {
-        "color": COLORS.get(name),
-        "capsize": 2,
-        "lw": 2.5 if ours else 1.2,
-        "marker": "o" if ours else ".",
-        "ms": 7 if ours else 6,
-    }
-    if name == "zero-shot":
-        style.update(marker="*", ms=14, ls="none")
-    return style
 
 
 def _save(fig, path: Path) -> Path:

@@ -29,6 +29,7 @@ distribution), at `positions` "last" (each sample's last valid token, the refere
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +106,7 @@ def probe(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    weight_power: float = 1.0,
 ) -> Scores:
     """Probe `model` and return its importance scores (see the module doc for the math).
 
@@ -131,6 +133,9 @@ def probe(
             with a device map (`from_pretrained(device_map="auto", ...)`, weights spread over
             GPUs, CPU and disk) is probed where it is: the scores equal an unsharded run's.
         progress: show progress bars.
+        weight_power: gamma in S = |W|^gamma ||J_i|| |h_j|: 1 is the paper's score (the output
+            change when W_ij is removed), 0 the drift score (the output change per unit step
+            of W_ij, which is what Adam's steps of about the learning rate cause).
 
     Returns:
         Scores bound to `model`; `scores.dense(name)` is S for parameter `name`.
@@ -142,6 +147,12 @@ def probe(
     ):
         if value not in allowed:
             raise DowserError(f"{label}={value!r}: choose one of {', '.join(allowed)}")
+    ok = isinstance(weight_power, (int, float)) and not isinstance(weight_power, bool)
+    if not ok or not math.isfinite(weight_power) or not 0 <= weight_power <= 4:
+        raise DowserError(
+            f"weight_power={weight_power!r}: use a number in [0, 4] (1: the paper's score, "
+            "0: the drift score without |W|)"
+        )
     if output_fn is not None and (output, positions) != ("logits", "last"):
         raise DowserError("output_fn replaces output= and positions=: give one or the other")
     for label, value in (
@@ -201,6 +212,7 @@ def probe(
         "audio": "noise" if synthetic and is_speech_model(model, processor) else None,
         "seed": seed,
         "model_class": type(model).__name__,
+        "weight_power": float(weight_power),
     }
     fingerprints = model_fingerprints(model, [t.param for t in targets])
     return Scores(run.factors(), {t.param: t for t in targets}, meta, fingerprints, model=model)
