@@ -54,7 +54,7 @@ def costs(prep: Prepared, config: BenchConfig, methods: tuple[str, ...]) -> dict
     data = prep.train_data(task, 0)
     setting = Setting(0.0, config.last_layers, config.update_ratio, 0, 0, 0)
     layers = _layers(prep.base, setting)
-    bank = ScoreBank(prep.base, prep.processor, probe_kwargs=dict(config.probe))
+    bank = ScoreBank(prep.base, prep.processor, probe_kwargs=dict(prep.bank.probe_kwargs))
     out = {}
     for method in methods:
         if method not in MASKED:
