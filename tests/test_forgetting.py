@@ -25,6 +25,7 @@ from dowser.forgetting.bench import (
     run_benchmark,
 )
 from dowser.forgetting.encode import Encoded, encode
+from dowser.forgetting.merges import merge
 from dowser.forgetting.methods import (
     ANALYSIS,
     MASKED,
@@ -33,7 +34,6 @@ from dowser.forgetting.methods import (
     SOFT,
     Setting,
     fine_tune,
-    merge,
 )
 from dowser.forgetting.model import BaseConfig, pretrained
 from dowser.forgetting.report import markdown, summarize

@@ -49,7 +49,8 @@ from dowser.errors import DowserError
 from dowser.eval.metrics import h_score
 from dowser.forgetting.config import BenchConfig, Prepared
 from dowser.forgetting.llava import PRESETS, accuracy, load_tasks, prepare_llava
-from dowser.forgetting.methods import MASKED, MERGED, Setting, fine_tune, merge
+from dowser.forgetting.merges import merge
+from dowser.forgetting.methods import MASKED, MERGED, Setting, fine_tune
 
 __all__ = [  # the tracks' pieces are re-exported: one place to import the benchmark from
     "PRESETS",

@@ -39,8 +39,8 @@ learning rate, on the same decoder matrices (q/k/v/o/gate/up/down of the last N 
     dare            full-ft, then drop each change with probability 1 - rho, rescale survivors
     grafting        full-ft, then keep the rho largest |changes| of each matrix
 
-The three merges post-process the full-ft model of the same setting, so their update ratio
-is the same rho of each matrix the masks use.
+The three merges (`merges.py`) post-process the full-ft model of the same setting, so their
+update ratio is the same rho of each matrix the masks use.
 """
 
 from __future__ import annotations
@@ -55,13 +55,11 @@ import torch
 from torch import nn
 
 from dowser.baselines.masks import magnitude_scores, random_scores, wanda_scores
-from dowser.baselines.merging import InputCovariance, dare, graft, model_tailor
 from dowser.baselines.spider import spider
 from dowser.errors import DowserError
 from dowser.forgetting.encode import Encoded
 from dowser.forgetting.train import Examples, train_loop
 from dowser.mask import Mask, build_mask
-from dowser.probing.capture import text_mask
 from dowser.ranking import soft_scale
 from dowser.scores import Scores
 from dowser.targets import _block_lists, find_decoder_layers
@@ -128,7 +126,6 @@ MERGED = ("model-tailor", "dare", "grafting")
 ANALYSIS = ("dowser-data",)  # rows for finding out why, not among the compared methods
 # learning-rate grid factor: a masked step changes rho = 0.1 of the entries (bench doc)
 LR_SCALE = {m: 10.0 for m in MASKED} | {"lora": 3.0}
-TAILOR_EXAMPLES = 512  # downstream training examples for Model Tailor's input covariance
 WANDA_EXAMPLES = 512  # downstream training examples for Wanda's input norms
 
 
@@ -369,34 +366,6 @@ class _Both:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-@torch.no_grad()
-def merge(
-    method: str, base: nn.Module, tuned: nn.Module, data: Examples, setting: Setting
-) -> nn.Module:
-    """`tuned` (full-ft of the same setting) post-processed by a merging method."""
-    names = list(tuned_mask(base, setting))
-    before = base.state_dict()
-    after = tuned.state_dict()
-    rho = setting.update_ratio
-    if method == "dare":
-        merged = dare(before, after, drop=1 - rho, names=names, seed=setting.seed)
-    elif method == "grafting":
-        merged = graft(before, after, keep=rho, names=names)
-    elif method == "model-tailor":
-        modules = [n.removesuffix(".weight") for n in names]
-        with InputCovariance(tuned, modules) as cov:
-            for batch in _input_batches(data, TAILOR_EXAMPLES):
-                cov.attention_mask = text_mask(batch)
-                tuned(**batch)
-            hessians = cov.hessians()
-        merged = model_tailor(before, after, hessians, keep=rho, names=names)
-    else:
-        raise ValueError(f"unknown merge {method!r}")
-    model = copy.deepcopy(tuned)
-    model.load_state_dict(merged, strict=False)
-    return model.eval()
 
 
 def _input_batches(data: Examples, n: int, size: int = 32):
