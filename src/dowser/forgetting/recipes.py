@@ -49,8 +49,8 @@ def recipe_presets(model: str = "llava") -> dict[str, BenchConfig]:
     """Presets: "quick" (minutes: one task, one seed, one learning rate), "full" (the
     published figures) and "all" (every recipe on every task of the model: hours).
 
-    llava: every recipe on digits, the main ones (MAIN) on wordnet-topic; whisper-tiny-en: the main recipes on phonemes (the task whose seeds agree
-    within 0.01), the drift score on topic; both 2 seeds and three learning rates, the benchmark's own sizes.
+    llava: every recipe on digits, the main ones (MAIN) on wordnet-topic; whisper-tiny-en: the main recipes and task-gradient-mask on phonemes (the
+    task whose seeds agree within 0.01), the drift score on topic; both 2 seeds and three learning rates, the benchmark's own sizes.
     """
     if model == "llava":
         from dowser.forgetting.llava import PRESETS
@@ -69,7 +69,7 @@ def recipe_presets(model: str = "llava") -> dict[str, BenchConfig]:
         full = replace(
             speech,
             downstream=("phonemes", "topic"),
-            methods=(*BASELINES, *MAIN),
+            methods=(*BASELINES, *MAIN, "task-gradient-mask"),  # and the task-aware control
             # topic: seeds differ by 0.03-0.07 A_down there, so only the recipe that leads on
             # phonemes is checked on it
             task_methods={"topic": (*BASELINES, "dowser", "dowser-drift")},
