@@ -155,7 +155,7 @@ class Scores:
                 f"{name}: weight shape {tuple(weight.shape)} != score {tuple(c.shape)}"
             )
         gamma = self.weight_power
-        if gamma == 0:
+        if gamma == 0:  # a copy: the caller may change it in place
             return c.float().clone()
         w = weight.detach().abs().float()
         return (w if gamma == 1 else w.pow_(gamma)).mul_(c)

@@ -130,7 +130,7 @@ def _task_gradients(args: argparse.Namespace, model, pre, scores):
     from dowser.errors import DowserError
     from dowser.probing.task import task_gradients
     from dowser.train.data import load_examples
-    from dowser.train.recipe import _dataset
+    from dowser.train.recipe import dataset_for
     from dowser.train.speech import is_speech_data, load_speech_examples
 
     if pre is None:
@@ -139,7 +139,7 @@ def _task_gradients(args: argparse.Namespace, model, pre, scores):
     examples = load_speech_examples(args.task_data) if speech else load_examples(args.task_data)
     examples = examples[: args.task_examples]
     where = SimpleNamespace(data=args.task_data, model_dir=args.model, max_length=args.max_length)
-    dataset, collator = _dataset(model, pre, examples, speech, where)
+    dataset, collator = dataset_for(model, pre, examples, speech, where)
     dataset.check(progress=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=collator)
     names = "|".join(rf"^{re.escape(n.removesuffix('.weight'))}$" for n in scores.names)

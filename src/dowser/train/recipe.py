@@ -90,7 +90,7 @@ def run_train(args: argparse.Namespace) -> Path:
     pre = processor if processor is not None else tokenizer
     if pre is None:
         raise DowserError(f"{args.model_dir} has no tokenizer or processor to encode the data")
-    dataset, collator = _dataset(model, pre, examples, speech, args)
+    dataset, collator = dataset_for(model, pre, examples, speech, args)
     if not args.no_data_check:
         # every image (or clip) opened, every prompt measured (by every rank: rank 0's bar)
         dataset.check(progress=not args.quiet and os.environ.get("RANK", "0") == "0")
@@ -138,8 +138,10 @@ def run_train(args: argparse.Namespace) -> Path:
     return out
 
 
-def _dataset(model, pre, examples: list, speech: bool, args: argparse.Namespace):
-    """(dataset, collator) for the model's kind: speech (audio + text) or text/image."""
+def dataset_for(model, pre, examples: list, speech: bool, args: argparse.Namespace):
+    """(dataset, collator) for the model's kind: speech (audio + text) or text/image; `args`
+    gives data (the path, for messages), model_dir and max_length. Shared with `dowser mask
+    --task-data`."""
     from dowser.train.data import Collator, SupervisedDataset
     from dowser.train.speech import SpeechCollator, SpeechDataset, is_speech_processor
 
