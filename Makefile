@@ -13,7 +13,7 @@ DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz /usr/share/
 	/usr/bin/espeak-ng
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint format bench data clean
+.PHONY: demo test lint format bench data clean mutate
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,11 @@ lint: $(BIN)/.installed
 bench: $(BIN)/.installed $(DATA)
 	$(BIN)/python bench/probe.py
 	$(BIN)/dowser bench forgetting --out bench/results/forgetting --resume
+
+# Mutation testing of the math modules (hours on 2 cores; never part of `make test`):
+# writes bench/results/mutation.json and .md, and fails if more mutants survive than committed.
+mutate: $(BIN)/.installed
+	$(BIN)/python bench/mutate.py
 
 clean:
 	rm -rf $(VENV) demo-out

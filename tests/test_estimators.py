@@ -157,7 +157,11 @@ def test_dense_factors_round_trip(tmp_path):
     for name in scores.names:
         assert torch.equal(loaded.dense(name), scores.dense(name))
     mask = dowser.build_mask(model, loaded, update_ratio=0.1)
-    assert mask.summary()
+    for name, m in mask.items():  # the dense factors rank: the lowest 10% of S train
+        s = loaded.dense(name)
+        assert int(m.sum()) == int(0.1 * m.numel() + 0.5), name
+        assert s[m].max() <= s[~m].min(), name
+    assert "10.0%" in mask.summary().splitlines()[-1]
 
 
 def test_estimator_options_are_checked():

@@ -48,7 +48,13 @@ def test_other_model_is_refused(scored, tmp_path):
 def test_same_weights_in_bfloat16_still_fit(scored, tmp_path):
     model, scores = scored
     path = scores.save(tmp_path / "s.safetensors")
-    Scores.load(path, model=tiny_llama().to(torch.bfloat16))  # fingerprints round to bf16
+    half = tiny_llama().to(torch.bfloat16)
+    back = Scores.load(path, model=half)  # fingerprints round to bf16
+    weights = dict(half.named_parameters())
+    for n in scores.names:  # bound to the bf16 weights: S = |W_bf16| * the same factor
+        expected = weights[n].detach().abs().float() * scores.outer(n)
+        assert torch.equal(back.dense(n), expected), n
+        torch.testing.assert_close(back.dense(n), scores.dense(n), rtol=2**-8, atol=0)
 
 
 def test_bad_files(scored, tmp_path):

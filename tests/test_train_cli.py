@@ -267,8 +267,11 @@ def test_apply_delta_refuses_another_base(setup, checkpoint_dirs, tmp_path, caps
         "another base model",
     )
     assert not (tmp_path / "m").exists()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
     user_error(
-        ["apply-delta", checkpoint_dirs["llama"], out / "delta.safetensors", "--out", out],
+        ["apply-delta", checkpoint_dirs["llama"], out / "delta.safetensors", "--out", busy],
         capsys,
         "not empty",
     )
@@ -360,6 +363,15 @@ def test_bad_data_is_caught_before_training(setup, checkpoint_dirs, tmp_path, ca
         ("--logging-steps", "0"),
         ("--save-steps", "-1"),
         ("--device", "tpu"),
+        # every numeric option is finite and bounded
+        ("--lr", "inf"),
+        ("--lr", "1e308"),
+        ("--lr", "nan"),
+        ("--weight-decay", "inf"),
+        ("--epochs", "inf"),
+        ("--max-grad-norm", "nan"),
+        ("--seed", "-1"),
+        ("--batch-size", "99999999999"),
     ],
 )
 def test_bad_training_settings_are_parser_errors(flag, value, capsys):

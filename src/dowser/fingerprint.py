@@ -1,8 +1,14 @@
-"""Cheap, exact fingerprints of weight tensors, to tell one model from another.
+"""Fingerprints of weight tensors, to tell one model from another.
 
-Hashing every byte of a 7B model costs minutes; instead each tensor is summarised by its shape
-and up to 4,096 evenly spaced entries. The entries are rounded to bfloat16 first, so the same
-checkpoint loaded in float32, bfloat16 or on another device gives the same fingerprint.
+Two kinds:
+
+- `tensor_fingerprint` (cheap, sampled): the shape and up to 4,096 evenly spaced entries,
+  rounded to bfloat16 first, so the same checkpoint loaded in float32, bfloat16 or on another
+  device gives the same fingerprint. It tells models apart, but misses a change to an entry
+  it does not sample (or one below bfloat16's resolution).
+- `tensor_digest` (exact, every entry): sha256 over the shape and every value in a stated
+  dtype ("float32:<64 hex>"). Any change to any entry shows, at the cost of reading the whole
+  tensor (about 1 s per GB on one CPU core). Deltas record it for every tensor they write.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 from torch import nn
 
 SAMPLES = 4096  # entries hashed per tensor
+DIGEST_CHUNK = 1 << 24  # entries converted and hashed at a time (bounded extra memory)
 
 
 @torch.no_grad()
@@ -28,6 +35,34 @@ def tensor_fingerprint(t: torch.Tensor) -> str:
     h = hashlib.sha256(repr(tuple(t.shape)).encode())
     h.update(data)
     return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def tensor_digest(t: torch.Tensor, dtype: torch.dtype | None = None) -> str:
+    """ "<dtype>:<sha256 hex>" of the shape and every entry of `t` cast to `dtype` (its own
+    when None): exact, bit for bit in that dtype (see module doc)."""
+    dtype = t.dtype if dtype is None else dtype
+    flat = t.detach().reshape(-1)
+    h = hashlib.sha256(repr((tuple(t.shape), str(dtype))).encode())
+    for start in range(0, flat.numel(), DIGEST_CHUNK):
+        part = flat[start : start + DIGEST_CHUNK].to(device="cpu", dtype=dtype).contiguous()
+        h.update(part.view(torch.uint8).numpy().data)
+    return f"{str(dtype).removeprefix('torch.')}:{h.hexdigest()}"
+
+
+def digest_matches(t: torch.Tensor, expected: str) -> bool:
+    """Whether `t`, cast to the dtype named in `expected` ("<dtype>:<hex>"), has that digest."""
+    name, _, _ = expected.partition(":")
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        return False
+    return tensor_digest(t, dtype) == expected
+
+
+def model_digests(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """Exact digests (`tensor_digest`, in each parameter's dtype) of the named parameters."""
+    params = parameter_values(model)
+    return {n: tensor_digest(params[n]) for n in names}
 
 
 def parameter_values(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from dowser.errors import DowserError
 
@@ -46,7 +50,9 @@ def load_model(
 
     The model class is AutoModelForImageTextToText when the config is a vision-language one,
     else AutoModelForSpeechSeq2Seq (Whisper), else AutoModelForCausalLM, else
-    AutoModelForSeq2SeqLM. Only safetensors weights load.
+    AutoModelForSeq2SeqLM. Only safetensors weights load, and only complete ones: a checkpoint
+    lacking weights the model has (which transformers would initialise at random) or holding
+    them in another shape, or a truncated weights file, is refused with a DowserError.
     tokenizer / processor are None when the directory has none.
 
     device_map / max_memory / offload_folder: spread a model larger than one device over
@@ -101,15 +107,36 @@ def load_model(
             placement = {"device_map": device_map, "max_memory": max_memory}
             if offload_folder is not None:
                 placement["offload_folder"] = str(offload_folder)
-        model = auto.from_pretrained(
-            path,
-            dtype=dtype if dtype is not None else "auto",
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-            **placement,
-        )
+        with _load_report() as report:
+            model, info = auto.from_pretrained(
+                path,
+                dtype=dtype if dtype is not None else "auto",
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                **placement,
+            )
+    except SafetensorError as e:  # a truncated or corrupt weights file
+        raise DowserError(
+            f"the weights in {path} are not readable safetensors ({_first_line(e)}): the "
+            "checkpoint is truncated or corrupt; copy or save it again"
+        ) from None
     except (OSError, ValueError, RuntimeError) as e:
+        if report and "mismatch" in str(e):  # transformers refers to its (withheld) report
+            raise DowserError(
+                f"the checkpoint in {path} holds weights of another shape than its config "
+                "says; copy or save it again"
+            ) from None
         raise DowserError(f"cannot load the model from {path}: {_first_line(e)}") from None
+    _check_loaded(path, info)
+    unused = sorted(info.get("unexpected_keys") or ())
+    if unused:  # harmless, but said in one line rather than transformers' table
+        more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        warnings.warn(
+            f"{path} holds {len(unused)} tensors the model does not use "
+            f"({', '.join(unused[:3])}{more}); they were ignored",
+            stacklevel=2,
+        )
     if device is not None:
         try:
             model.to(device)
@@ -117,6 +144,46 @@ def load_model(
             raise DowserError(f"cannot move the model to {device!r}: {_first_line(e)}") from None
     tokenizer, processor = load_preprocessors(path, trust_remote_code=trust_remote_code)
     return model, tokenizer, processor
+
+
+@contextmanager
+def _load_report() -> Iterator[list[str]]:
+    """Withhold transformers' multi-line load report (missing, unexpected, mismatched
+    weights): `load_model` says what matters in one line instead. Yields the withheld ones."""
+    withheld: list[str] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            withheld.append(str(record.msg))
+            return False
+        return True
+
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addFilter(keep)
+    try:
+        yield withheld
+    finally:
+        logger.removeFilter(keep)
+
+
+def _check_loaded(path: Path, info: dict) -> None:
+    """Refuse a checkpoint that lacks weights the model has (transformers would initialise
+    them at random and carry on) or holds them in another shape. Tied weights (an output
+    head sharing the embedding) are not missing: transformers drops them from the report."""
+    missing = sorted(info.get("missing_keys") or ())
+    wrong = sorted(
+        k[0] if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or ()
+    )
+    problems = []
+    for label, names in (("missing", missing), ("of another shape", wrong)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            problems.append(f"{len(names)} weights {label} ({', '.join(names[:3])}{more})")
+    if problems:
+        raise DowserError(
+            f"the checkpoint in {path} is incomplete: {'; '.join(problems)}; they would be "
+            "randomly initialised. Copy or save the checkpoint again (save_pretrained)"
+        )
 
 
 def load_preprocessors(path: Path, *, trust_remote_code: bool = False) -> tuple[Any, Any]:

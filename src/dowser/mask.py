@@ -320,11 +320,17 @@ def _numel(scores: Scores, group: list[str]) -> int:
 
 
 def _checked_dense(scores: Scores, name: str) -> torch.Tensor:
+    """S for `name`, refused unless finite and >= 0 (what the ranking assumes)."""
     d = scores.dense(name)
     if not torch.isfinite(d).all():
         raise DowserError(
             f"scores for {name} hold NaN or inf (the weights or the probe overflowed); "
             "probe again in float32 (--dtype float32)"
+        )
+    if bool((d < 0).any()):
+        raise DowserError(
+            f"scores for {name} hold negative values (min {float(d.min()):.3g}); importance "
+            "scores are >= 0 (e.g. |W| ||J|| |h|): give non-negative factors"
         )
     return d
 

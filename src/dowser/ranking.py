@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from dowser.errors import DowserError
+
 
 def round_half_up(x: float) -> int:
     """round(x) with halves going up (Python's round() sends 2.5 to 2)."""
@@ -32,7 +34,10 @@ def lowest_k(scores: Sequence[ScoreSource], k: int) -> list[torch.Tensor]:
     # pass 1: histogram of the top 15 value bits (the sign bit is always 0)
     hist = torch.zeros(1 << 15, dtype=torch.long)
     for g in get:
-        hist += torch.bincount((float_bits(g()).reshape(-1) >> 16).long(), minlength=1 << 15).cpu()
+        bits = float_bits(g()).reshape(-1)
+        if bool((bits > _INF_BITS).any()):  # NaN has no place in the order
+            raise DowserError("scores to rank hold NaN: rank finite (or +inf) scores only")
+        hist += torch.bincount((bits >> 16).long(), minlength=1 << 15).cpu()
     if k <= 0 or k >= int(hist.sum()):
         return [torch.full(g().shape, k > 0, dtype=torch.bool) for g in get]
     # pass 2: the k-th value lies in the first bucket whose running count reaches k
@@ -56,16 +61,29 @@ def lowest_k(scores: Sequence[ScoreSource], k: int) -> list[torch.Tensor]:
     return masks
 
 
+_INF_BITS = 0x7F800000  # +inf; larger patterns are NaN
+
+
 def float_bits(s: torch.Tensor) -> torch.Tensor:
-    """float32 bit patterns as int32, ordered like the (non-negative) values."""
+    """float32 bit patterns as int32, ordered like the values, which must be >= 0 (a
+    negative one would rank by its magnitude: refused; -0.0 ranks as 0.0)."""
     s = s.float().contiguous()
-    if bool((s.view(torch.int32) < 0).any()):  # -0.0 (or a negative): copy with abs
+    if bool((s.view(torch.int32) < 0).any()):  # a sign bit set: -0.0, a negative or -NaN
+        if bool((s < 0).any()):
+            raise DowserError(
+                f"scores to rank hold negative values (min {float(s.min()):.3g}): the "
+                "ranking orders non-negative scores only"
+            )
         s = s.abs()
     return s.view(torch.int32)
 
 
 def lowest_per_row(score: torch.Tensor, ratio: float, transposed: bool) -> torch.Tensor:
+    """Bool mask of the round(ratio * d_in) lowest entries of each output row of `score`
+    (>= 0; stable: ties go to the lower index); `transposed`: `score` is (d_in, d_out)."""
     s = score.T if transposed else score  # rows = output units
+    if bool(torch.isnan(s).any()) or bool((s < 0).any()):
+        raise DowserError("scores to rank hold NaN or negative values: give scores >= 0")
     k = round_half_up(ratio * s.shape[1])
     order = torch.sort(s.float(), dim=1, stable=True).indices[:, :k]
     m = torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True)

@@ -188,13 +188,18 @@ class Scores:
 
     @classmethod
     def load(cls, path: PathLike, model: nn.Module | None = None) -> Scores:
-        """Read scores written by `save`; with `model`, bind to it after checking it fits."""
+        """Read scores written by `save`; with `model`, bind to it after checking it fits.
+
+        The file is checked first (`_check_factors`): every scored weight has a fingerprint
+        and factors of matching sizes holding finite, non-negative values; a file that does
+        not is refused with a DowserError naming the weight.
+        """
         tensors, meta = load_safetensors(path, kind="scores")
         if meta.get("format") != FORMAT:
             raise DowserError(f"{path}: scores format {meta.get('format')} is not supported")
         try:
-            targets = {n: Target(**t) for n, t in meta.pop("targets").items()}
-            fingerprints = dict(meta.pop("fingerprints"))
+            targets = {str(n): Target(**t) for n, t in dict(meta.pop("targets")).items()}
+            fingerprints = {str(n): str(f) for n, f in dict(meta.pop("fingerprints")).items()}
             factors = {
                 n: Factors(
                     tensors[f"{n}::psi"],
@@ -206,15 +211,62 @@ class Scores:
             }
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise corrupt(path, e) from None
+        lacking = [n for n in targets if n not in fingerprints]
+        if lacking or set(fingerprints) - set(targets):
+            what = f"no fingerprint for {lacking[0]}" if lacking else "fingerprints of no target"
+            raise DowserError(
+                f"{path} is corrupt: {what}; it cannot be checked against a model "
+                "(probe again with `dowser probe`)"
+            )
+        used = {f"{n}::{part}" for n in targets for part in ("psi", "act", "weight", "full")}
+        if set(tensors) - used:
+            extra = sorted(set(tensors) - used)[0]
+            raise DowserError(f"{path} is corrupt: it holds {extra}, which no target lists")
         for n, f in factors.items():
-            t = targets[n]
-            full_ok = f.full is None or tuple(f.full.shape) == (t.out_features, t.in_features)
-            if f.psi.shape[-1] != t.out_features or f.act.shape[-1] != t.in_features or not full_ok:
-                raise DowserError(f"{path} is corrupt: factor shapes of {n} do not match")
+            problem = _check_factors(f, targets[n])
+            if problem:
+                raise DowserError(f"{path} is corrupt: the factors of {n} {problem}")
         scores = cls(factors, targets, meta, fingerprints)
         if model is not None:
             scores.bind(model)
         return scores
+
+
+def _check_factors(f: Factors, t: Target) -> str | None:
+    """What is wrong with one weight's factors (see `Factors`), or None.
+
+    psi (K, d_out), act (K, d_in), weight (K,) with K >= 1, full (d_out, d_in) or absent;
+    all floating point, finite and >= 0 (the ranking assumes S >= 0), weights summing > 0.
+    """
+    sizes = (t.out_features, t.in_features)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in sizes):
+        return f"have impossible sizes {sizes}"
+    k = f.weight.shape[0] if f.weight.dim() == 1 else -1
+    ok = k >= 1 and f.psi.dim() == 2 and f.act.dim() == 2
+    ok = (
+        ok
+        and tuple(f.psi.shape) == (k, t.out_features)
+        and tuple(f.act.shape) == (k, t.in_features)
+    )
+    ok = ok and (f.full is None or tuple(f.full.shape) == sizes)
+    if not ok:
+        full = "" if f.full is None else f", full {tuple(f.full.shape)}"
+        return (
+            f"do not match: psi {tuple(f.psi.shape)}, act {tuple(f.act.shape)}, weight "
+            f"{tuple(f.weight.shape)}{full} for d_out={t.out_features}, d_in={t.in_features}"
+        )
+    for label, x in (("psi", f.psi), ("act", f.act), ("weight", f.weight), ("full", f.full)):
+        if x is None:
+            continue
+        if not x.is_floating_point():
+            return f"are not floating point ({label}: {x.dtype})"
+        if not bool(torch.isfinite(x).all()):
+            return f"hold NaN or inf ({label})"
+        if bool((x < 0).any()):
+            return f"hold negative values ({label}: min {float(x.min()):.3g}); scores must be >= 0"
+    if not float(f.weight.sum()) > 0:
+        return "have observation weights that sum to 0"
+    return None
 
 
 def _param_shape(t: Target) -> tuple[int, int]:

@@ -11,8 +11,9 @@
     dowser bench estimators --out DIR [--quick]          # which importance estimator is best
 
 Each module here adds its parser (`add_parser`) and runs its command (`run`); the work itself
-is done by the library. User errors print one line and exit with status 2; existing files are
-never replaced unless --overwrite is given, and outputs are written atomically.
+is done by the library. User errors print one line and exit with status 2, and so does a write
+that fails for want of space or permission (full disk, quota, read-only folder); existing files
+are never replaced unless --overwrite is given, and outputs are written atomically.
 """
 
 from __future__ import annotations
@@ -50,6 +51,21 @@ def _silence_progress_bars() -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
+def _write_failure(error: Exception) -> str | None:
+    """One line for a full disk, an exceeded quota or a folder without write permission that
+    a library write did not already turn into a DowserError; None for anything else."""
+    import re
+
+    from dowser.io import write_error
+
+    path = getattr(error, "filename", None)
+    if path is None:  # safetensors names the path in its message
+        found = re.search(r'at path "([^"]+)"', str(error))
+        path = found.group(1) if found else "an output file"
+    found = write_error(path, error)
+    return None if found is None else str(found)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dowser` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -64,6 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dowser {args.command}: interrupted", file=sys.stderr)
         code = 130
+    except Exception as e:
+        message = _write_failure(e)
+        if message is None:
+            raise  # anything else is a bug: keep its traceback
+        print(f"dowser {args.command}: error: {message}", file=sys.stderr)
+        code = 2
     if "torch.distributed" in sys.modules:  # a torchrun process: leave without teardown
         from dowser.train.distributed import exit_process
 

@@ -12,10 +12,10 @@ def add_parser(sub) -> None:
     """Register the command on the subparsers `sub`."""
     i = sub.add_parser(
         "inspect",
-        help="describe a scores or mask file",
+        help="describe a scores, mask or delta file",
         description="Print what a dowser file holds.",
     )
-    i.add_argument("file", metavar="FILE", help="a scores or mask safetensors file")
+    i.add_argument("file", metavar="FILE", help="a scores, mask or delta safetensors file")
     i.set_defaults(func=run)
 
 
@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def describe_file(path: str | Path) -> str:
-    """A human-readable description of a dowser scores or mask file."""
+    """A human-readable description of a dowser scores, mask or delta file (checked as it
+    would be when used: a corrupt one is a DowserError)."""
     from dowser.io import read_metadata
     from dowser.mask import Mask
 
@@ -39,11 +40,20 @@ def describe_file(path: str | Path) -> str:
         )
         return f"{path}: mask ({settings})\n{mask.summary()}"
     if kind == "delta":
-        sparse, dense = meta.get("sparse"), meta.get("dense")
-        if not isinstance(sparse, list) or not isinstance(dense, list):
-            raise DowserError(f"{path} has corrupt dowser metadata (no list of weights)")
-        lines = [f"{path}: sparse delta of {len(sparse)} masked weights"]
+        from dowser.io import load_safetensors
+        from dowser.train.artifacts import read_delta
+
+        tensors, meta = load_safetensors(path, kind="delta")
+        sparse, dense, _, _, digests = read_delta(path, tensors, meta)  # validates the file
+        entries = sum(tensors[f"{n}::indices"].numel() for n in sparse)
+        check = (
+            "sampled fingerprints only (format 1: 4,096 entries per tensor)"
+            if digests is None
+            else "every entry of each written tensor (sha256) and sampled fingerprints"
+        )
+        lines = [f"{path}: sparse delta of {len(sparse)} masked weights ({entries:,} entries)"]
         lines.append(f"  densely trained tensors: {len(dense)}")
+        lines.append(f"  format: {meta.get('format')}; base check: {check}")
         lines.append(f"  dowser_version: {meta.get('dowser_version')}")
         return "\n".join(lines)
     if kind == "scores":

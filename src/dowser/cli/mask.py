@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from dowser.cli.options import positive, ratio
+from dowser.cli.options import number, positive, ratio
 
 
 def add_parser(sub) -> None:
@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     )
     m.add_argument(
         "--weight-power",
-        type=float,
+        type=number(0, 4),
         default=None,
         help="gamma in S = |W|^gamma ||J|| |h| instead of the one the scores were probed with "
         "(0: the drift score)",
@@ -91,11 +91,14 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     """Build a mask from scores and write it."""
     from dowser.hf import load_model
-    from dowser.io import check_writable
+    from dowser.io import check_outside_inputs, check_writable
     from dowser.mask import build_mask
     from dowser.scores import Scores
 
-    out = check_writable(args.out, overwrite=args.overwrite)
+    out = check_writable(args.out, overwrite=args.overwrite, flag="--overwrite")
+    check_outside_inputs(
+        out, {"scores": args.scores, "model directory": args.model, "task data": args.task_data}
+    )
     scores = Scores.load(args.scores)
     if args.weight_power is not None:
         scores = scores.with_weight_power(args.weight_power)

@@ -7,6 +7,7 @@ value stops the command before it loads anything.
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def ratio(text: str) -> float:
@@ -21,22 +22,36 @@ def ratio(text: str) -> float:
     return value
 
 
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+INT_MAX = 2**31 - 1  # larger counts overflow torch and numpy index types
 
 
-def number(
-    low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False
-):
-    """An argparse type for a float in a range, with a message that names the range."""
-    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
-    span = f"{lo}{low}, {high if high is not None else 'inf'}{hi if high is not None else ')'}"
+def integer(low: int, high: int = INT_MAX):
+    """An argparse type for an integer in [low, high], with a message that names the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside [{low}, {high}]")
+        return value
+
+    return parse
+
+
+positive = integer(1)  # counts of at least one (steps, examples, layers)
+count = integer(0)  # counts that may be zero (0 = off)
+seed = integer(0, 2**32 - 1)  # numpy's seed range, which the Trainer's set_seed uses
+
+
+def number(low: float, high: float, *, low_open: bool = False, high_open: bool = False):
+    """An argparse type for a finite float in a range, with a message that names the range.
+
+    Every numeric option has an upper bound: inf, nan and 1e308 stop at the parser instead of
+    turning the run's weights into NaN.
+    """
+    span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
     def parse(text: str) -> float:
         try:
@@ -44,23 +59,12 @@ def number(
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         ok = value > low if low_open else value >= low
-        if high is not None:
-            ok = ok and (value < high if high_open else value <= high)
-        if not ok or value != value:
+        ok = ok and (value < high if high_open else value <= high)
+        if not ok or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{value} is outside {span}")
         return value
 
     return parse
-
-
-def count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
 
 
 def max_memory(text: str) -> dict:

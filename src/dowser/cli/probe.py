@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dowser.cli.options import device_and_dtype, max_memory, positive
+from dowser.cli.options import device_and_dtype, max_memory, number, positive, seed
 from dowser.errors import DowserError
 
 
@@ -24,7 +24,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--out", required=True, help="scores file to write, e.g. scores.safetensors")
     p.add_argument(
-        "--num-samples", type=positive, default=64, help="synthetic sequences (reference: 64)"
+        "--num-samples",
+        type=_sample_count,
+        default=64,
+        help="synthetic sequences, 1 to 1,000,000 (reference: 64)",
     )
     p.add_argument(
         "--batch-size", type=positive, default=4, help="sequences per forward pass (reference: 4)"
@@ -84,13 +87,13 @@ def add_parser(sub) -> None:
     p.add_argument("--no-lm-head", action="store_true", help="do not score the output head")
     p.add_argument(
         "--weight-power",
-        type=float,
+        type=number(0, 4),
         default=1.0,
         help="gamma in S = |W|^gamma ||J|| |h|: 1 the paper's score (default), 0 the drift "
         "score without |W| (see README: mask recipes)",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed for token draws, noise, sampling and probes"
+        "--seed", type=seed, default=0, help="seed for token draws, noise, sampling and probes"
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)"
@@ -125,13 +128,27 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _sample_count(text: str) -> int:
+    """--num-samples: an integer in [1, MAX_SAMPLES] (speech models: MAX_SPEECH_SAMPLES)."""
+    from dowser.probing.synthetic import MAX_SAMPLES
+
+    value = positive(text)
+    if value > MAX_SAMPLES:
+        raise argparse.ArgumentTypeError(
+            f"{value:,} is more than {MAX_SAMPLES:,} synthetic sequences (the reference uses 64)"
+        )
+    return value
+
+
 def run(args: argparse.Namespace) -> None:
     """Probe MODEL_DIR and write its scores."""
     from dowser.hf import load_model
-    from dowser.io import check_writable
+    from dowser.io import check_outside_inputs, check_writable
     from dowser.probing import peak_memory, probe
 
-    out = check_writable(args.out, overwrite=args.overwrite)  # fail before the long part
+    # fail before the long part
+    out = check_writable(args.out, overwrite=args.overwrite, flag="--overwrite")
+    check_outside_inputs(out, {"model directory": args.model_dir})
     if args.device_map is not None and args.device is not None:
         raise DowserError("--device and --device-map: give one (--device-map places the model)")
     if (args.max_memory or args.offload_folder) and args.device_map is None:

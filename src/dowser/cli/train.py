@@ -4,19 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from dowser.cli.options import count, number, positive
-
-SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "cosine_with_min_lr",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-    "warmup_stable_decay",
-)
+from dowser.cli.options import SCHEDULERS, count, number, positive, seed
 
 
 def add_parser(sub) -> None:
@@ -39,23 +27,23 @@ def add_parser(sub) -> None:
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument(
         "--epochs",
-        type=number(0, low_open=True),
+        type=number(0, 1000, low_open=True),
         default=1.0,
-        help="passes over the data (default 1)",
+        help="passes over the data, in (0, 1000] (default 1)",
     )
     t.add_argument("--batch-size", type=positive, default=4, help="examples per device per step")
     t.add_argument("--grad-accum", type=positive, default=1, help="gradient accumulation steps")
     t.add_argument(
         "--lr",
-        type=number(0, low_open=True),
+        type=number(0, 1, low_open=True),
         default=2e-5,
-        help="peak learning rate (reference 2e-5)",
+        help="peak learning rate, in (0, 1] (reference 2e-5)",
     )
     t.add_argument(
         "--weight-decay",
-        type=number(0),
+        type=number(0, 10),
         default=0.0,
-        help="decoupled weight decay; frozen entries never decay",
+        help="decoupled weight decay, in [0, 10]; frozen entries never decay",
     )
     t.add_argument(
         "--warmup-ratio",
@@ -70,12 +58,15 @@ def add_parser(sub) -> None:
         help="HF scheduler name: cosine, linear, constant, ...",
     )
     t.add_argument(
-        "--max-grad-norm", type=number(0), default=1.0, help="gradient clipping (0 = off)"
+        "--max-grad-norm",
+        type=number(0, 1e6),
+        default=1.0,
+        help="gradient clipping, in [0, 1e6] (0 = off)",
     )
     t.add_argument(
         "--max-length", type=positive, default=1024, help="tokens per example, longer ones are cut"
     )
-    t.add_argument("--seed", type=int, default=0, help="training seed")
+    t.add_argument("--seed", type=seed, default=0, help="training seed, in [0, 2**32 - 1]")
     t.add_argument(
         "--optimizer",
         choices=["sparse-adamw", "masked-adamw"],

@@ -121,6 +121,9 @@ class Recorder:
         self.grads = grads  # False: activations only, no output gradients
         self.stats = {t.module: Stats() for t in self.targets}
         self.tokens = TokenMask()
+        # (data_ptr, shape) of this batch's encoder output (encoder-decoders): a text layer
+        # fed with it (cross-attention k/v) sees encoder rows, never masked by the text mask
+        self.encoder_output: tuple[int, tuple[int, ...]] | None = None
         # the leaves every output hangs from, one per device (no cross-device grads)
         self.zeros: dict[torch.device, torch.Tensor] = {}
 
@@ -129,14 +132,30 @@ class Recorder:
             self.zeros[device] = torch.zeros((), device=device, requires_grad=True)
         return self.zeros[device]
 
+    def encoder_hook(self, module: nn.Module, args: tuple, output) -> None:
+        """Remember the encoder's output, so `forward_hook` can tell encoder states apart."""
+        state = output
+        if isinstance(output, (tuple, list, dict)):  # tuples, ModelOutput (a dict, indexable)
+            state = output[0] if len(output) else None
+        if isinstance(state, torch.Tensor):
+            self.encoder_output = (state.data_ptr(), tuple(state.shape))
+
+    def _is_text(self, target: Target, h) -> bool:
+        """Whether h is on the text sequence: a text layer's input that is not the encoder's
+        output (equal lengths would otherwise let the text mask fall on encoder rows)."""
+        if not is_text_layer(target):
+            return False
+        enc = self.encoder_output
+        return not (isinstance(h, torch.Tensor) and enc == (h.data_ptr(), tuple(h.shape)))
+
     def forward_hook(self, target: Target):
         # the reference fixes the head's psi to 1
         want_grad = self.grads and target.group != "lm_head"
-        masked = is_text_layer(target)
 
         def hook(module: nn.Module, args: tuple, output: torch.Tensor):
             stats = self.stats[target.module]  # looked up per call: reset() replaces it
             h = args[0] if args else None
+            masked = self._is_text(target, h)
             if isinstance(h, torch.Tensor):
                 h_stat = h.detach().float().square() if self.square_acts else h.detach().abs()
                 s, n = self.tokens.sum(h_stat, masked=masked)
@@ -190,6 +209,7 @@ class Recorder:
         sums run over the whole probe."""
         for t in self.targets:
             self.stats[t.module] = Stats()
+        self.encoder_output = None
 
 
 @contextmanager
@@ -212,9 +232,21 @@ def recording(
             p.requires_grad_(False)
         for t in targets:
             handles.append(modules[t.module].register_forward_hook(recorder.forward_hook(t)))
+        encoder = _encoder_of(model)
+        if encoder is not None:
+            handles.append(encoder.register_forward_hook(recorder.encoder_hook))
         yield recorder
     finally:
         for h in handles:
             h.remove()
         for p, flag in saved_flags:
             p.requires_grad_(flag)
+
+
+def _encoder_of(model: nn.Module) -> nn.Module | None:
+    """The encoder of an encoder-decoder model (its output feeds cross-attention), else None."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    get = getattr(model, "get_encoder", None)
+    encoder = get() if callable(get) else None
+    return encoder if isinstance(encoder, nn.Module) else None

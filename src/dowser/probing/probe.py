@@ -59,6 +59,7 @@ ESTIMATORS = (
     "magnitude",
 )
 OUTPUTS = ("logits", "log-probs")
+_END = object()  # the end of the batches
 POSITIONS = ("last", "all")
 
 
@@ -188,6 +189,7 @@ def probe(
                 images=images,
                 seed=seed,
                 progress=progress,
+                lazy=True,  # generated while probed: one chunk in memory at a time
             )
         total = len(batches) if hasattr(batches, "__len__") else None
         # probe vectors: their own stream, the same whether the batches were made or given
@@ -255,7 +257,15 @@ class _Run:
             grads=spec.grads,
             square_acts=spec.square_acts,
         ) as rec:
-            for batch in tqdm(batches, total=total, desc="probing", disable=not progress):
+            stream = iter(tqdm(batches, total=total, desc="probing", disable=not progress))
+            while True:
+                # lazy synthetic batches run the model (generate) when the next one is made,
+                # under these hooks: a neutral token mask then, and their sums forgotten
+                rec.tokens = TokenMask()
+                batch = next(stream, _END)
+                if batch is _END:
+                    break
+                rec.reset()
                 if not isinstance(batch, dict):
                     raise DowserError(
                         "each probing batch must be a dict of keyword inputs for the model"

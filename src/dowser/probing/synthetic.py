@@ -13,7 +13,7 @@ simply its length - 1.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dowser.errors import DowserError
+from dowser.probing.prompts import _image_prefix, _tokenizer_of, _vocabulary
 
 MIN_PROMPT, MAX_PROMPT = 1, 5  # random tokens after BOS, drawn uniformly (reference)
 SAMPLING = dict(do_sample=True, temperature=0.9, top_p=0.9, repetition_penalty=1.05)
@@ -38,89 +39,6 @@ class Sample:
     image: dict[str, torch.Tensor]  # e.g. pixel_values (noise), image_grid_thw; batch dim 1
 
 
-def _tokenizer_of(tokenizer, processor):
-    if tokenizer is not None:
-        return tokenizer
-    return getattr(processor, "tokenizer", None)
-
-
-def _vocabulary(
-    model: nn.Module, tok
-) -> tuple[torch.Tensor, list[int], int | None, int | None, int]:
-    """(ids that may be drawn, special ids, bos id, eos id, pad id) from the tokenizer, else
-    the config. Special ids include image placeholders, which generation must never emit."""
-    config = getattr(model, "config", None)
-    text_config = getattr(config, "text_config", None) or config
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    n = emb.weight.shape[0] if emb is not None else getattr(text_config, "vocab_size", None)
-    if n is None:
-        raise DowserError("cannot tell the vocabulary size: pass a tokenizer or `batches`")
-    special: set[int] = set()
-    if tok is not None:
-        n = min(n, len(tok))
-        special.update(tok.all_special_ids)
-        special.update(getattr(tok, "added_tokens_decoder", {}).keys())
-        bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    else:
-        bos = getattr(text_config, "bos_token_id", None)
-        eos = getattr(text_config, "eos_token_id", None)
-        pad = getattr(text_config, "pad_token_id", None)
-    for cfg in (config, text_config):
-        for key in ("image_token_id", "image_token_index", "video_token_id"):
-            if isinstance(getattr(cfg, key, None), int):
-                special.add(getattr(cfg, key))
-    if isinstance(eos, list):
-        special.update(eos)
-        eos = eos[0]
-    special.update(x for x in (bos, eos, pad) if x is not None)
-    allowed = torch.tensor([i for i in range(n) if i not in special], dtype=torch.long)
-    if allowed.numel() == 0:
-        raise DowserError("the vocabulary has no ordinary tokens to draw from")
-    if pad is None:
-        pad = eos if eos is not None else 0
-    return allowed, sorted(special), bos, eos, pad
-
-
-def _image_prefix(processor) -> tuple[list[int], dict[str, list[int]], dict[str, torch.Tensor]]:
-    """The processor's encoding of one image placeholder (+ BOS): ids, per-token keys, image keys."""
-    from PIL import Image
-
-    placeholder = getattr(processor, "image_token", None)
-    if processor is None or placeholder is None or not hasattr(processor, "image_processor"):
-        raise DowserError(
-            'images="noise" needs the model\'s processor with an image token '
-            "(AutoProcessor.from_pretrained(model_dir)); pass processor=..."
-        )
-    size = _image_size(processor.image_processor)
-    image = Image.new("RGB", (size, size), (128, 128, 128))
-    enc = processor(text=[placeholder], images=[image], return_tensors="pt")
-    ids = enc["input_ids"][0].tolist()
-    per_token, image_keys = {}, {}
-    for key, value in enc.items():
-        if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
-            continue
-        if value.dim() == 2 and value.shape == enc["input_ids"].shape:
-            per_token[key] = value[0].tolist()
-        else:
-            image_keys[key] = value
-    if "pixel_values" not in image_keys:
-        raise DowserError(f"the processor gave no pixel_values for an image (keys: {list(enc)})")
-    return ids, per_token, image_keys
-
-
-def _image_size(image_processor) -> int:
-    """A side length the image processor accepts as is (it resizes anyway)."""
-    for attr in ("crop_size", "size"):
-        size = getattr(image_processor, attr, None)
-        if isinstance(size, dict):
-            for key in ("height", "shortest_edge", "longest_edge", "width"):
-                if isinstance(size.get(key), int):
-                    return min(size[key], 448)
-        elif isinstance(size, int):
-            return min(size, 448)
-    return 224
-
-
 def synthetic_samples(
     model: nn.Module,
     *,
@@ -135,57 +53,152 @@ def synthetic_samples(
 ) -> tuple[list[Sample], int]:
     """Generate `num_samples` probing sequences with the model itself (see module doc).
 
-    Returns the samples and the pad id to batch them with.
+    Returns the samples and the pad id to batch them with. `SampleStream` gives the same
+    samples one generation chunk at a time, in bounded memory.
     """
-    if not hasattr(model, "generate"):
-        raise DowserError(
-            "synthetic probing needs a model that can generate (a Hugging Face generative model); "
-            "for other models pass batches=..."
-        )
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise DowserError(
-            "synthetic probing covers decoder-only models and speech encoder-decoders (give "
-            "their processor); for another encoder-decoder model pass "
-            "batches=[{input_ids, decoder_input_ids, ...}] (Python API)"
-        )
-    if images not in ("off", "noise"):
-        raise DowserError(f'images={images!r}: use "off" (text only) or "noise"')
-    if seq_len < 2:
-        raise DowserError(f"seq_len={seq_len}: need at least 2 tokens")
-    tok = _tokenizer_of(tokenizer, processor)
-    allowed, special, bos, eos, pad = _vocabulary(model, tok)
-    # Sampling may emit any ordinary token or EOS, never an image placeholder, BOS or pad.
-    suppress = [i for i in special if i != eos]
-    if images == "noise":
-        prefix, prefix_per_token, image_template = _image_prefix(processor)
-    else:
-        prefix, prefix_per_token, image_template = ([bos] if bos is not None else []), {}, {}
-    # seq_len counts text tokens: BOS and text, not the image placeholder's expansion.
-    n_text_prefix = int(bos is not None and len(prefix) > 0 and prefix[0] == bos)
-    total_len = len(prefix) - n_text_prefix + seq_len
+    stream = SampleStream(
+        model,
+        tokenizer=tokenizer,
+        processor=processor,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        images=images,
+        generator=generator,
+        device=device,
+        progress=progress,
+    )
+    bar = tqdm(stream, total=num_samples, desc="generating probes", disable=not progress)
+    return list(bar), stream.pad
 
-    prompts: list[Sample] = []
-    for _ in range(num_samples):
+
+class SampleStream:
+    """The samples of `synthetic_samples`, generated GENERATION_CHUNK at a time when iterated
+    (each iteration gives the same samples): memory stays that of one chunk whatever
+    `num_samples` (at most MAX_SAMPLES).
+
+    The random stream is the one of drawing every prompt first: all prompts, then the seed of
+    `generate`'s sampling, from `generator`. Construction replays the prompt draws without
+    keeping them (to reach that seed and leave `generator` where drawing them leaves it);
+    iteration draws them again, chunk by chunk, from a copy of the starting state.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        tokenizer=None,
+        processor=None,
+        num_samples: int = 64,
+        seq_len: int = 64,
+        images: str = "off",
+        generator: torch.Generator,
+        device: torch.device,
+        progress: bool = True,
+    ):
+        check_num_samples(num_samples)
+        if not hasattr(model, "generate"):
+            raise DowserError(
+                "synthetic probing needs a model that can generate (a Hugging Face generative "
+                "model); for other models pass batches=..."
+            )
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise DowserError(
+                "synthetic probing covers decoder-only models and speech encoder-decoders (give "
+                "their processor); for another encoder-decoder model pass "
+                "batches=[{input_ids, decoder_input_ids, ...}] (Python API)"
+            )
+        if images not in ("off", "noise"):
+            raise DowserError(f'images={images!r}: use "off" (text only) or "noise"')
+        if seq_len < 2:
+            raise DowserError(f"seq_len={seq_len}: need at least 2 tokens")
+        tok = _tokenizer_of(tokenizer, processor)
+        self.allowed, special, bos, self.eos, self.pad = _vocabulary(model, tok)
+        # Sampling may emit any ordinary token or EOS, never an image placeholder, BOS or pad.
+        self.suppress = [i for i in special if i != self.eos]
+        if images == "noise":
+            self.prefix, self.prefix_per_token, self.image = _image_prefix(processor)
+        else:
+            self.prefix, self.prefix_per_token, self.image = (
+                ([bos] if bos is not None else []),
+                {},
+                {},
+            )
+        # seq_len counts text tokens: BOS and text, not the image placeholder's expansion.
+        n_text_prefix = int(bos is not None and len(self.prefix) > 0 and self.prefix[0] == bos)
+        self.total_len = len(self.prefix) - n_text_prefix + seq_len
+        self.model, self.device, self.num_samples = model, device, num_samples
+        self.start_state = generator.get_state()
+        many = progress and num_samples > 10 * GENERATION_CHUNK**2
+        for _ in tqdm(range(num_samples), desc="drawing prompts", disable=not many, leave=False):
+            self._prompt(generator)
+        self.seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _prompt(self, generator: torch.Generator) -> Sample:
+        """BOS (or the image prefix) + 1..5 random ordinary tokens, and fresh pixel noise."""
         k = int(torch.randint(MIN_PROMPT, MAX_PROMPT + 1, (1,), generator=generator))
-        pick = allowed[torch.randint(len(allowed), (k,), generator=generator)].tolist()
-        ids = (prefix + pick)[:total_len]
-        per_token = {key: v + [_fill(key, v)] * k for key, v in prefix_per_token.items()}
+        pick = self.allowed[torch.randint(len(self.allowed), (k,), generator=generator)].tolist()
+        ids = (self.prefix + pick)[: self.total_len]
+        per_token = {key: v + [_fill(key, v)] * k for key, v in self.prefix_per_token.items()}
         per_token = {key: v[: len(ids)] for key, v in per_token.items()}
         image = {
             key: torch.randn(v.shape, generator=generator) if key == "pixel_values" else v.clone()
-            for key, v in image_template.items()
+            for key, v in self.image.items()
         }
-        prompts.append(Sample(ids, per_token, image))
+        return Sample(ids, per_token, image)
 
-    samples = []
-    chunks = range(0, num_samples, GENERATION_CHUNK)
-    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)  # generate() samples from the global RNG
-        for start in tqdm(chunks, desc="generating probes", disable=not progress, leave=False):
-            chunk = prompts[start : start + GENERATION_CHUNK]
-            samples.extend(_continue(model, chunk, total_len, eos, pad, suppress, device))
-    return samples, pad
+    def __iter__(self) -> Iterator[Sample]:
+        prompts = torch.Generator().set_state(self.start_state)
+        devices = [self.device] if self.device.type == "cuda" else []
+        rng = None  # generate()'s global RNG state between chunks (the caller's is kept)
+        for start in range(0, self.num_samples, GENERATION_CHUNK):
+            n = min(GENERATION_CHUNK, self.num_samples - start)
+            chunk = [self._prompt(prompts) for _ in range(n)]
+            with torch.random.fork_rng(devices=devices):
+                if rng is None:
+                    torch.manual_seed(self.seed)  # generate() samples from the global RNG
+                else:
+                    _set_rng(rng, devices)
+                done = _continue(
+                    self.model,
+                    chunk,
+                    self.total_len,
+                    self.eos,
+                    self.pad,
+                    self.suppress,
+                    self.device,
+                )
+                rng = _get_rng(devices)
+            yield from done
+
+
+MAX_SAMPLES = 1_000_000  # synthetic sequences per probe (the reference uses 64)
+# speech samples are all made up front (probing/speech.py), each with its log-mel window
+# (Whisper large: 128 x 3000 float32 = 1.5 MB): 4,096 of them hold about 6 GB
+MAX_SPEECH_SAMPLES = 4096
+
+
+def check_num_samples(num_samples: int, limit: int = MAX_SAMPLES) -> None:
+    """Refuse a sample count that is not an integer in [1, limit]."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+        raise DowserError(f"num_samples={num_samples!r}: must be a positive integer")
+    if not 1 <= num_samples <= limit:
+        raise DowserError(
+            f"num_samples={num_samples:,}: use 1 to {limit:,} synthetic sequences (the "
+            "reference uses 64)"
+        )
+
+
+def _get_rng(devices: list) -> list[torch.Tensor]:
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
+
+
+def _set_rng(states: list[torch.Tensor], devices: list) -> None:
+    torch.set_rng_state(states[0])
+    for d, state in zip(devices, states[1:], strict=True):
+        torch.cuda.set_rng_state(state, d)
 
 
 def _fill(key: str, values: list[int]) -> int:
@@ -270,11 +283,31 @@ def _pad(samples: list[Sample], width: int, *, pad: int, left: bool) -> dict:
     return batch
 
 
-def probe_batches(samples: list[Sample], batch_size: int, pad: int) -> Iterator[dict]:
-    """Right-padded model inputs (on the CPU), `batch_size` samples at a time."""
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
+def probe_batches(samples: Iterable[Sample], batch_size: int, pad: int) -> Iterator[dict]:
+    """Right-padded model inputs (on the CPU), `batch_size` samples at a time, in order."""
+    chunk: list[Sample] = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == batch_size:
+            yield _pad(chunk, max(len(s.ids) for s in chunk), pad=pad, left=False)
+            chunk = []
+    if chunk:
         yield _pad(chunk, max(len(s.ids) for s in chunk), pad=pad, left=False)
+
+
+class LazyBatches:
+    """Probing batches made while iterated (`probe_batches` over a `SampleStream`): the
+    memory of one generation chunk, however many samples. Sized; each iteration gives the
+    same batches."""
+
+    def __init__(self, stream: SampleStream, batch_size: int):
+        self.stream, self.batch_size = stream, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.stream) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        return probe_batches(self.stream, self.batch_size, self.stream.pad)
 
 
 def synthetic_batches(
@@ -288,18 +321,21 @@ def synthetic_batches(
     images: str = "off",
     seed: int = 0,
     progress: bool = True,
-) -> list[dict]:
-    """The self-generated probing batches `dowser.probe` uses, as a list of model inputs.
+    lazy: bool = False,
+) -> list[dict] | LazyBatches:
+    """The self-generated probing batches `dowser.probe` uses, as a list of model inputs
+    (`lazy`: a `LazyBatches`, generated while iterated, as `dowser.probe` takes them).
 
     For baselines that need activations without data (e.g. a Wanda mask) on the same inputs.
     A speech encoder-decoder (Whisper, with its processor) gets noise audio and its own text
-    (`dowser.probing.speech`).
+    (`dowser.probing.speech`): all its samples are made up front (at most MAX_SPEECH_SAMPLES).
     """
     device = input_device(model)
     generator = torch.Generator().manual_seed(seed)
     from dowser.probing.speech import is_speech_model, speech_batches, speech_samples
 
     if is_speech_model(model, processor):  # noise audio + the decoder's own text
+        check_num_samples(num_samples, MAX_SPEECH_SAMPLES)
         if images != "off":
             raise DowserError(
                 f'images={images!r}: a speech model is probed with noise audio; use images="off"'
@@ -314,7 +350,7 @@ def synthetic_batches(
             progress=progress,
         )
         return speech_batches(samples, batch_size, pad)
-    samples, pad = synthetic_samples(
+    stream = SampleStream(
         model,
         tokenizer=tokenizer,
         processor=processor,
@@ -325,4 +361,5 @@ def synthetic_batches(
         device=device,
         progress=progress,
     )
-    return list(probe_batches(samples, batch_size, pad))
+    batches = LazyBatches(stream, batch_size)
+    return batches if lazy else list(batches)

@@ -56,9 +56,25 @@ def _image(record: dict, base: Path, where: str) -> Path | None:
         return None
     if not isinstance(name, str):
         raise DowserError(f"{where}: 'image' must be a path string")
-    path = (base / name).resolve()
-    if not path.is_file():
-        raise DowserError(f"{where}: image {name} not found (looked for {path})")
+    return existing_file(base, name, "image", where)
+
+
+def existing_file(base: Path, name: str, what: str, where: str) -> Path:
+    """`base / name` resolved, if it is a file; else a one-line DowserError naming the record.
+
+    Names the OS cannot look up (too long, a NUL byte) and control characters (which would
+    break the one-line message) are refused as such rather than raising OSError/ValueError.
+    """
+    if any(ord(c) < 32 for c in name):
+        raise DowserError(f"{where}: the {what} path {name!r} holds a control character")
+    try:
+        path = (base / name).resolve()
+        found = path.is_file()
+    except (OSError, ValueError) as e:  # e.g. ENAMETOOLONG
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise DowserError(f"{where}: the {what} path {name!r} cannot be used ({reason})") from None
+    if not found:
+        raise DowserError(f"{where}: {what} {name} not found (looked for {path})")
     return path
 
 
@@ -93,7 +109,7 @@ def load_examples(path: str | Path) -> list[Example]:
         raise DowserError(f"data file {path} does not exist")
     base = path.parent
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a leading BOM (Windows tools) is fine
     except UnicodeDecodeError as e:
         raise DowserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     stripped = text.lstrip()
@@ -101,7 +117,7 @@ def load_examples(path: str | Path) -> list[Example]:
     if stripped.startswith("["):
         try:
             records = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise DowserError(f"{path} is not valid JSON: {e}") from None
         for i, rec in enumerate(records):
             where = f"{path} record {i}"
@@ -115,7 +131,7 @@ def load_examples(path: str | Path) -> list[Example]:
             where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: too deep
                 raise DowserError(f"{where}: not valid JSON ({e})") from None
             if not isinstance(rec, dict):
                 raise DowserError(f"{where}: a record must be a JSON object")
@@ -161,7 +177,7 @@ class SupervisedDataset(Dataset):
         from tqdm.auto import tqdm
 
         for ex in tqdm(self.examples, desc="checking data", disable=not progress, leave=False):
-            image = _load_image(ex.image) if ex.image is not None else None
+            image = _load_image(ex.image, ex.where) if ex.image is not None else None
             prefixes, _ = self._texts(ex)
             n = self._length(prefixes[0], image)
             if n >= self.max_length:
@@ -172,7 +188,7 @@ class SupervisedDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ex = self.examples[i]
-        image = _load_image(ex.image) if ex.image is not None else None
+        image = _load_image(ex.image, ex.where) if ex.image is not None else None
         prefixes, fulls = self._texts(ex)
         enc = self._encode(fulls[-1], image)
         ids = enc["input_ids"][0]
@@ -269,17 +285,21 @@ class SupervisedDataset(Dataset):
         return start, max(start, end)
 
 
-def _load_image(path: Path):
+def _load_image(path: Path, where: str = ""):
+    """The image of a record as RGB; an unreadable one is a DowserError naming the record
+    (`where`, "file:line") and the image file."""
     from PIL import Image
 
     if isinstance(path, Image.Image):  # an image already in memory
         return path.convert("RGB")
-
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except OSError as e:
-        raise DowserError(f"cannot read image {path}: {e}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        # OSError: missing, unreadable, not an image or truncated; DecompressionBombError:
+        # more pixels than PIL allows; ValueError: e.g. a mode PIL cannot convert
+        where = f"{where}: " if where else ""
+        raise DowserError(f"{where}cannot read image {path} ({e})") from None
 
 
 @dataclass

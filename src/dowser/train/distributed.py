@@ -5,8 +5,8 @@ unchanged, and every rank makes the same update. FSDP2 (`fully_shard`) replaces 
 parameter by a DTensor whose local part is a block of its rows (placement Shard(0), the
 last rank's block possibly shorter); gradients arrive already reduced and sharded the same
 way. A mask is cut like its weight (`shard_like`), so each rank updates, and keeps frozen,
-exactly the entries it holds. Only `gather_blocks`, `full_state_dict`, `mean_over_ranks`
-and `barrier` communicate; every rank must call them together.
+exactly the entries it holds. Only `gather_blocks`, `full_state_dict`, `mean_over_ranks`,
+`any_over_ranks` and `barrier` communicate; every rank must call them together.
 """
 
 from __future__ import annotations
@@ -134,6 +134,17 @@ def mean_over_ranks(value: float) -> float:
         t = t.cuda()
     dist.all_reduce(t)
     return float(t.item()) / world_size()
+
+
+def any_over_ranks(flag: bool) -> bool:
+    """True when `flag` is true on any rank (itself in a single process)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def full_state_dict(model: nn.Module) -> Mapping[str, torch.Tensor]:

@@ -7,13 +7,16 @@ command-line settings and checks everything a user can get wrong before training
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from dowser.errors import DowserError
+from dowser.io import check_outside_inputs
 
 CHECKPOINTS = "checkpoints"  # Trainer checkpoints inside OUT_DIR, for --resume
 
@@ -30,14 +33,30 @@ def _run_info(args: argparse.Namespace) -> dict:
 
 
 def _check_out(out: Path, args: argparse.Namespace) -> None:
-    """Refuse an output dir that would mix runs; with --overwrite, clear what we wrote."""
+    """Refuse an output dir that would mix runs or hold an input; with --overwrite, clear
+    what we wrote."""
     if out.exists() and not out.is_dir():
         raise DowserError(f"{out} exists and is not a directory")
+    check_outside_inputs(
+        out,
+        {
+            "model directory": args.model_dir,
+            "mask": args.mask,
+            "data file": args.data,
+            "FSDP config": args.fsdp_config,
+        },
+    )
     if args.resume:
         info_path = out / CHECKPOINTS / RUN_INFO
         if not info_path.is_file():
             raise DowserError(f"--resume: {out / CHECKPOINTS} holds no checkpoint to resume from")
-        saved = json.loads(info_path.read_text())
+        try:
+            saved = json.loads(info_path.read_text())
+        except (OSError, ValueError):
+            raise DowserError(
+                f"--resume: {info_path} is unreadable (the run stopped before its first "
+                "checkpoint); start it again with --overwrite"
+            ) from None
         now = _run_info(args)
         for key, what in (("mask_sha256", "mask"), ("optimizer", "--optimizer")):
             if saved.get(key) != now[key]:
@@ -50,6 +69,46 @@ def _check_out(out: Path, args: argparse.Namespace) -> None:
         raise DowserError(
             f"{out} is not empty; pass --resume to continue its run or --overwrite to replace it"
         )
+
+
+def resume_point(folder: Path) -> tuple[str, int] | None:
+    """(path, global step) of the last complete Trainer checkpoint in `folder`; None when
+    the run stopped before its first one (it then starts from the beginning).
+
+    A checkpoint is complete once its trainer_state.json (the Trainer writes it last) reads
+    as JSON. Newer, half-written ones (a crash or a full disk while saving) are removed by
+    rank 0, so that the run continues from the intact one before them.
+    """
+    from dowser.train.distributed import is_main_process
+
+    found = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if m and path.is_dir():
+            found.append((int(m.group(1)), path))
+    found.sort()
+    while found:
+        _, path = found[-1]
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+            return str(path), int(state["global_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            found.pop()
+            if is_main_process():
+                print(
+                    f"removing the incomplete checkpoint {path} (the run stopped while saving it)"
+                )
+                shutil.rmtree(path, ignore_errors=True)
+    if is_main_process():
+        print("no complete checkpoint yet (the run stopped before its first): starting over")
+    return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically: a crash leaves the old file or the new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _clear_previous_run(out: Path) -> None:
@@ -68,7 +127,7 @@ def run_train(args: argparse.Namespace) -> Path:
     from dowser.train.data import load_examples
     from dowser.train.distributed import barrier, is_main_process, mean_over_ranks, world_size
     from dowser.train.speech import is_speech_data, load_speech_examples
-    from dowser.train.trainer import DowserTrainer
+    from dowser.train.trainer import DowserTrainer, SaveLastStep
 
     out = Path(args.out)
     _check_out(out, args)
@@ -109,30 +168,44 @@ def run_train(args: argparse.Namespace) -> Path:
         train_dataset=dataset,
         data_collator=collator,
     )
+    if training_args.save_strategy != "no":
+        trainer.add_callback(SaveLastStep())  # a crash while writing OUT can then resume
     barrier()  # every rank has checked OUT before rank 0 writes to it
     if is_main_process():
         if args.overwrite and not args.resume:
             _clear_previous_run(out)  # only now that every input has been read and checked
         (out / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
-        (out / CHECKPOINTS / RUN_INFO).write_text(json.dumps(_run_info(args), indent=2) + "\n")
+        _write_json(out / CHECKPOINTS / RUN_INFO, _run_info(args))
     barrier()
+    start = resume_point(out / CHECKPOINTS) if args.resume else None
+    barrier()  # rank 0 may have removed a half-written checkpoint
     try:
-        result = trainer.train(resume_from_checkpoint=True if args.resume else None)
-    except ValueError as e:
-        if "checkpoint" in str(e).lower():
-            raise DowserError(f"cannot resume: {e}") from None
+        result = trainer.train(resume_from_checkpoint=start[0] if start else None)
+        trainer.save_merged(out, preprocessors=[pre], source_dir=args.model_dir)
+        if args.save_delta:
+            trainer.save_delta(out / "delta.safetensors", overwrite=True)
+    except DowserError:
         raise
-    trainer.save_merged(out, preprocessors=[pre], source_dir=args.model_dir)
-    if args.save_delta:
-        trainer.save_delta(out / "delta.safetensors", overwrite=True)
+    except ValueError as e:
+        if start is not None and "checkpoint" in str(e).lower():
+            raise DowserError(f"cannot resume from {start[0]}: {e}") from None
+        raise
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DowserError(
+                f"no space left on the device while writing to {out}: free space, then run the "
+                "same command with --resume (it continues from the last complete checkpoint)"
+            ) from None
+        raise
     loss = mean_over_ranks(result.training_loss)  # each rank averaged its own batches
     barrier()  # every rank is done with the files
     if is_main_process():
         ranks = f" on {world_size()} processes" if world_size() > 1 else ""
-        print(
-            f"trained {result.global_step} steps{ranks}, mean loss {loss:.4f}; "
-            f"wrote the model to {out}"
-        )
+        if start is not None and result.global_step == start[1]:
+            what = f"the run had already finished ({result.global_step} steps)"
+        else:
+            what = f"trained {result.global_step} steps{ranks}, mean loss {loss:.4f}"
+        print(f"{what}; wrote the model to {out}")
         if args.save_delta:
             print(f"wrote the sparse delta to {out / 'delta.safetensors'}")
     return out
@@ -219,6 +292,7 @@ def run_apply_delta(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DowserError(f"{out} exists and is not a directory")
+    check_outside_inputs(out, {"base checkpoint": args.base, "delta": args.delta})
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise DowserError(f"{out} exists and is not empty; pass --overwrite to replace its files")
     model, tokenizer, processor = load_model(

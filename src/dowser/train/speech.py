@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from dowser.errors import DowserError
 from dowser.train.audio import load_audio
-from dowser.train.data import IGNORE
+from dowser.train.data import IGNORE, existing_file
 
 SOT, NO_TIMESTAMPS, PREV = "<|startoftranscript|>", "<|notimestamps|>", "<|startofprev|>"
 
@@ -68,12 +68,12 @@ def inputs_and_labels(ids: list[int], start: int) -> tuple[torch.Tensor, torch.T
 def is_speech_data(path: str | Path) -> bool:
     """True when the data file's first record has an "audio" field (JSON Lines)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for line in f:
                 if line.strip():
                     record = json.loads(line)
                     return isinstance(record, dict) and "audio" in record
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False  # the record loaders report what is wrong with the file
     return False
 
@@ -94,7 +94,7 @@ def load_speech_examples(path: str | Path) -> list[SpeechExample]:
     if not path.is_file():
         raise DowserError(f"data file {path} does not exist")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise DowserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     examples = []
@@ -104,7 +104,7 @@ def load_speech_examples(path: str | Path) -> list[SpeechExample]:
         where = f"{path}:{lineno}"
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise DowserError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(rec, dict):
             raise DowserError(f"{where}: a record must be a JSON object")
@@ -119,9 +119,7 @@ def load_speech_examples(path: str | Path) -> list[SpeechExample]:
         prompt = rec.get("prompt")
         if prompt is not None and not isinstance(prompt, str):
             raise DowserError(f'{where}: "prompt" must be a string')
-        audio = (path.parent / rec["audio"]).resolve()
-        if not audio.is_file():
-            raise DowserError(f"{where}: audio {rec['audio']} not found (looked for {audio})")
+        audio = existing_file(path.parent, rec["audio"], "audio", where)
         examples.append(SpeechExample(audio, rec["text"], prompt, where))
     if not examples:
         raise DowserError(f"{path} holds no records")
@@ -147,7 +145,10 @@ class SpeechDataset(Dataset):
         rate = self.features.sampling_rate
         if isinstance(ex.audio, np.ndarray):
             return ex.audio
-        samples = load_audio(ex.audio, sampling_rate=rate)
+        try:
+            samples = load_audio(ex.audio, sampling_rate=rate)
+        except DowserError as e:  # name the record too, not only the clip
+            raise DowserError(f"{ex.where}: {e}") from None
         if len(samples) > self.features.n_samples:
             raise DowserError(
                 f"{ex.where}: the clip is {len(samples) / rate:.1f} s, longer than the model's "

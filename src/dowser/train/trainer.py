@@ -5,6 +5,8 @@
     trainer.train()
     trainer.save_delta("delta.safetensors")
 
+Training stops at the first non-finite loss, and no model or delta with a non-finite trained
+weight is written (`dowser.train.guard`); a mask with no trainable entry is refused.
 Everything else is the stock Trainer (gradient accumulation, checkpointing, bf16, logging,
 resume, accelerate/torchrun launch). Under torchrun it trains with DDP, or with FSDP2 when
 asked (`TrainingArguments(fsdp=True)` or `accelerate launch --use_fsdp`): after the Trainer
@@ -24,14 +26,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from dowser.errors import DowserError
-from dowser.fingerprint import model_fingerprints
+from dowser.fingerprint import model_digests, model_fingerprints
 from dowser.io import check_writable
 from dowser.mask import Mask
 from dowser.train.artifacts import save_delta, save_merged
 from dowser.train.distributed import barrier, full_state_dict, is_main_process, is_sharded
+from dowser.train.guard import check_loss, check_weights
 from dowser.train.masking import mask_gradients, masked_parameters, prepare_model
 from dowser.train.sparse_adamw import SparseAdamW
 
@@ -69,6 +72,11 @@ class DowserTrainer(Trainer):
                 "`dowser train --fsdp`), which shards like ZeRO-3"
             )
         mask.check(model)
+        if mask.num_trainable() == 0:
+            raise DowserError(
+                "the mask leaves no entry trainable, so training would change nothing; build "
+                "it with a larger ratio"
+            )
         _choose_fsdp_units(args, model)
         self.mask = mask
         self.dowser_optimizer = optimizer
@@ -83,6 +91,8 @@ class DowserTrainer(Trainer):
         ]
         # fingerprints of the base weights, for the delta file
         self.base_fingerprints = model_fingerprints(model, [*mask, *self.dense_names])
+        # and exact digests of every tensor the delta writes (one read of each, ~1 s per GB)
+        self.base_digests = model_digests(model, [*mask, *self.dense_names])
         super().__init__(model=model, args=args, **kwargs)
 
     def create_accelerator_and_postprocess(self) -> None:
@@ -162,6 +172,12 @@ class DowserTrainer(Trainer):
         )
         return self.optimizer
 
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+        """The stock step, stopped at the first non-finite loss (see dowser.train.guard)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        check_loss(loss, self.state.global_step + 1, self.state.max_steps, self.state.epoch)
+        return loss
+
     def save_delta(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the sparse delta (trainable entries + dense-trained norms) of the model.
 
@@ -169,6 +185,7 @@ class DowserTrainer(Trainer):
         """
         path = check_writable(path, overwrite=overwrite)  # on every rank, before gathering
         model = self.accelerator.unwrap_model(self.model)
+        check_weights(model)
         state = full_state_dict(model) if is_sharded(model) else None
         if is_main_process():
             save_delta(
@@ -176,6 +193,7 @@ class DowserTrainer(Trainer):
                 self.mask,
                 path,
                 base_fingerprints=self.base_fingerprints,
+                base_digests=self.base_digests,
                 dense=self.dense_names,
                 overwrite=overwrite,
                 state_dict=state,
@@ -191,6 +209,7 @@ class DowserTrainer(Trainer):
         Under torchrun every rank must call this: a sharded model is gathered, rank 0 writes.
         """
         model = self.accelerator.unwrap_model(self.model)
+        check_weights(model)
         state = full_state_dict(model) if is_sharded(model) else None
         if is_main_process():
             save_merged(
@@ -202,6 +221,16 @@ class DowserTrainer(Trainer):
             )
         barrier()
         return Path(out_dir)
+
+
+class SaveLastStep(TrainerCallback):
+    """Checkpoint the final step too. The Trainer skips it when the save interval does not
+    divide the run; with it, a crash while the model is written resumes with no step lost."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step >= state.max_steps:
+            control.should_save = True
+        return control
 
 
 def _choose_fsdp_units(args: Any, model: Any) -> None:
