@@ -15,6 +15,7 @@ from dowser.eval import (
     mean_stderr,
     upstream_at,
 )
+from dowser.eval.metrics import edit_distance, error_rate, normalize_words, word_error_rate
 from dowser.tiny import build_model
 from dowser.train.data import Example
 
@@ -67,6 +68,44 @@ def test_metrics():
     assert upstream_at(frontier, 0.7) == pytest.approx(0.5)
     assert upstream_at(frontier, 0.9) is None and upstream_at(frontier, 0.1) is None
     assert best_h(frontier) == pytest.approx(h_score(0.7, 0.6))
+
+
+def test_upstream_at_the_frontier_ends_and_on_ties():
+    frontier = [(0.6, 0.7), (0.2, 0.9), (0.8, 0.3)]  # any order: sorted by A_down
+    assert upstream_at(frontier, 0.2) == 0.9  # the ends belong to the frontier
+    assert upstream_at(frontier, 0.8) == pytest.approx(0.3)
+    assert upstream_at(frontier, 0.6) == pytest.approx(0.7)  # a point itself, not an interpolation
+    assert upstream_at([(0.5, 0.7)], 0.5) == 0.7  # one point: only its own A_down
+    assert upstream_at([(0.5, 0.7)], 0.4) is None and upstream_at([], 0.5) is None
+    # two sweep points with the same A_down (first, middle or last): no division by zero, and
+    # the same answer wherever the tie sits, the lower A_up (the first of them once sorted)
+    assert upstream_at([(0.2, 0.9), (0.2, 0.5), (0.8, 0.3)], 0.2) == 0.5
+    assert upstream_at([(0.2, 0.9), (0.6, 0.75), (0.6, 0.7), (0.8, 0.3)], 0.6) == pytest.approx(0.7)
+    assert upstream_at([(0.2, 0.9), (0.8, 0.5), (0.8, 0.3)], 0.8) == pytest.approx(0.3)
+
+
+def test_edit_distance_and_error_rates():
+    assert edit_distance("kitten", "sitting") == 3  # two substitutions, one insertion
+    assert edit_distance("ab", "ba") == 2 and edit_distance("abc", "abc") == 0
+    assert edit_distance("", "abc") == 3 and edit_distance("abc", "") == 3
+    assert edit_distance("abc", "ac") == 1 and edit_distance("ac", "abc") == 1
+    assert edit_distance(["the", "cat"], ["a", "cat", "sat"]) == 2  # over word lists
+    assert normalize_words("The CAT's hat, (sat)!  on-it") == [
+        "the",
+        "cat's",
+        "hat",
+        "sat",
+        "on",
+        "it",
+    ]
+    assert error_rate(["abcd", "ef"], ["abed", "ef"]) == pytest.approx(1 / 6)  # CER: totals
+    assert error_rate([["a"]], [["b", "c", "d"]]) == 3.0  # insertions count: above 1
+    with pytest.raises(ValueError, match="empty"):
+        error_rate([""], ["abc"])
+    with pytest.raises(ValueError):
+        error_rate(["a", "b"], ["a"])  # one hypothesis per reference
+    assert word_error_rate(["The cat sat."], ["the cat, sat"]) == 0.0
+    assert word_error_rate(["a b c d", "e f"], ["a x c", "e f g"]) == pytest.approx(3 / 6)
 
 
 @pytest.mark.parametrize("arch", ["llava", "paligemma"])
