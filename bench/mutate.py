@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--keep", action="store_true", help="reuse mutants/, re-test non-killed ones")
     ap.add_argument("--report-only", action="store_true", help="read mutants/, do not run mutmut")
+    ap.add_argument("--note", default="", help="how the run was made, kept in the results file")
     args = ap.parse_args(argv)
     os.chdir(ROOT)  # mutmut reads pyproject.toml and writes mutants/ in the working directory
     cfg = mutmut_config()
@@ -318,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             n: {k: v for k, v in m.items() if k != "not_checked"} for n, m in modules.items()
         },
     }
+    if args.note:
+        res["note"] = args.note
     changes = {
         s: change_of(s, m["path"])
         for name, m in modules.items()

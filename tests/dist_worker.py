@@ -3,8 +3,10 @@
     torchrun --standalone --nproc-per-node 2 tests/dist_worker.py MODEL MASK DATA OUT MODE OPT
 
 MODE: "ddp" or "fsdp" (DowserTrainer, FSDP from TrainingArguments), "accelerate-fsdp"
-(DowserTrainer, FSDP from accelerate's environment variables), or "loop" (a plain PyTorch
-loop over a model sharded with fully_shard by hand). OPT: "sparse-adamw" or "masked-adamw".
+(DowserTrainer, FSDP from accelerate's environment variables), "callback-fsdp" (a user's own
+Trainer subclass with DowserCallback, FSDP from TrainingArguments), or "loop" (a plain
+PyTorch loop over a model sharded with fully_shard by hand). OPT: "sparse-adamw" or
+"masked-adamw".
 Every rank checks its own part of every masked weight against the base checkpoint after
 training and writes OUT/rank<r>.json; with the Trainer, rank 0 also writes the merged model
 and the delta.
@@ -43,9 +45,11 @@ def trainer_run(model, tokenizer, mask, data: str, out: Path, mode: str, optimiz
         report_to="none",
         remove_unused_columns=False,
         disable_tqdm=True,
-        fsdp=True if mode == "fsdp" else None,
+        fsdp=True if mode in ("fsdp", "callback-fsdp") else None,
     )
     dataset = SupervisedDataset(load_examples(data), tokenizer, max_length=64)
+    if mode == "callback-fsdp":
+        return callback_run(model, mask, args, dataset, out, optimizer)
     trainer = DowserTrainer(
         model=model,
         args=args,
@@ -55,6 +59,34 @@ def trainer_run(model, tokenizer, mask, data: str, out: Path, mode: str, optimiz
         data_collator=Collator(pad_token_id=0),
     )
     trainer.train()
+    return trainer
+
+
+def callback_run(model, mask, args, dataset, out: Path, optimizer: str):
+    """Not DowserTrainer: a Trainer subclass that only lets FSDP2 run on CPU processes."""
+    from transformers import Trainer
+
+    from dowser.train.data import Collator
+    from dowser.train.trainer import allow_cpu_fsdp
+
+    class UserTrainer(Trainer):
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            allow_cpu_fsdp(self)
+
+    extra = {}
+    if optimizer == "sparse-adamw":
+        extra["optimizer_cls_and_kwargs"] = dowser.sparse_adamw(mask, lr=1e-2, weight_decay=0.1)
+    callback = dowser.DowserCallback(mask, optimizer=optimizer, delta=out / "delta.safetensors")
+    trainer = UserTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=Collator(pad_token_id=0),
+        callbacks=[callback],
+        **extra,
+    )
+    trainer.train()  # the callback writes the delta at the end
     return trainer
 
 
@@ -121,8 +153,11 @@ def main() -> None:
     else:
         trainer = trainer_run(model, tokenizer, mask, data, out, mode, optimizer)
         report = check_parts(trainer.model, mask, base)
-        trainer.save_merged(out / "merged", preprocessors=[tokenizer])
-        trainer.save_delta(out / "delta.safetensors")
+        if mode == "callback-fsdp":
+            trainer.save_model(str(out / "merged"))  # the stock Trainer's save
+        else:
+            trainer.save_merged(out / "merged", preprocessors=[tokenizer])
+            trainer.save_delta(out / "delta.safetensors")
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
     dist.barrier()
     exit_process(0)  # Python's own exit can abort or hang on gloo's threads

@@ -159,6 +159,8 @@ def test_torchrun_equals_one_process(setup, checkpoint_dirs, capsys, mode, optim
         ("ddp", "sparse-adamw"),
         ("fsdp", "masked-adamw"),
         ("accelerate-fsdp", "sparse-adamw"),
+        ("callback-fsdp", "sparse-adamw"),
+        ("callback-fsdp", "masked-adamw"),
         ("loop", "sparse-adamw"),
         ("loop", "masked-adamw"),
     ],
@@ -166,6 +168,7 @@ def test_torchrun_equals_one_process(setup, checkpoint_dirs, capsys, mode, optim
 def test_every_rank_keeps_its_frozen_entries(setup, checkpoint_dirs, mode, optimizer):
     """The Python API under torchrun; each rank checks the part of each weight it holds.
     accelerate-fsdp: FSDP asked for by accelerate's environment, not TrainingArguments;
+    callback-fsdp: a user's own Trainer with DowserCallback (no DowserTrainer);
     loop: a plain PyTorch loop over a model sharded with fully_shard by hand."""
     out = setup / f"api-{mode}-{optimizer}"
     out.mkdir()
@@ -227,7 +230,8 @@ def test_deepspeed_is_refused(llama):
 
 def test_sparse_adamw_follows_replaced_weights(llama, token_batch):
     """A wrapper that swaps parameters after the optimizer was made (as FSDP2 does, in the
-    model and in the optimizer's groups): a clear error until `bind`, then sparse updates."""
+    model and in the optimizer's groups): the optimizer follows them where they sit in its
+    groups, by itself at the step or by `bind`; a weight it no longer holds is refused."""
     mask = dowser.Mask({n: torch.rand_like(p) < 0.1 for n, p in _linear(llama)})
     dowser.prepare_model(llama, mask)
     opt = SparseAdamW(llama, mask, lr=1e-2)
@@ -236,16 +240,15 @@ def test_sparse_adamw_follows_replaced_weights(llama, token_batch):
     layer.weight = torch.nn.Parameter(old.detach().clone())
     group = next(g for g in opt.param_groups if any(p is old for p in g["params"]))
     group["params"] = [layer.weight if p is old else p for p in group["params"]]
-    llama(**token_batch, labels=token_batch["input_ids"]).loss.backward()
-    with pytest.raises(DowserError, match="bind"):
-        opt.step()
     new = layer.weight
     layer.weight = torch.nn.Parameter(old.detach().clone())  # one the optimizer lacks
     with pytest.raises(DowserError, match="no longer holds"):
         opt.bind(llama)
     layer.weight = new
+    llama(**token_batch, labels=token_batch["input_ids"]).loss.backward()
     before = new.detach().clone()
-    opt.bind(llama).step()
+    opt.step()  # follows the replacement by itself
+    assert opt.is_sparse(new) and not opt.is_sparse(old)
     m = mask["model.layers.0.mlp.up_proj.weight"]
     assert torch.equal(new.detach()[~m], before[~m])
     assert (new.detach()[m] != before[m]).any()

@@ -7,6 +7,9 @@ mask.save("mask.safetensors")
 # a task-aware mask: also what a few batches of the fine-tuning data say about each entry
 grads = dowser.task_gradients(model, batches)        # batches with labels
 mask = dowser.build_mask(model, scores, update_ratio=0.1, task_scores=grads)
+
+# any transformers.Trainer (TRL's SFTTrainer, DPOTrainer, your own) trains only the mask
+trainer = SFTTrainer(..., callbacks=[dowser.DowserCallback(mask, delta="delta.safetensors")])
 """
 
 from dowser.errors import DowserError
@@ -50,4 +53,8 @@ def __getattr__(name: str):
         from dowser.train.trainer import DowserTrainer
 
         return DowserTrainer
+    if name in ("DowserCallback", "sparse_adamw"):
+        from dowser.train import callback
+
+        return getattr(callback, name)
     raise AttributeError(f"module 'dowser' has no attribute {name!r}")

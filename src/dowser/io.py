@@ -14,7 +14,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -102,6 +102,29 @@ def save_safetensors(
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        error = write_error(path, e)
+        if error is not None:
+            raise error from None
+        raise
+    return path
+
+
+def write_atomic(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it into place.
+
+    Check `path` with `check_writable` first. A failure leaves no file behind; one for want of
+    space or permission is a one-line DowserError (`write_error`).
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         error = write_error(path, e)
         if error is not None:
             raise error from None

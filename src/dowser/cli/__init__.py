@@ -4,6 +4,9 @@
     dowser mask SCORES --model MODEL_DIR --ratio 0.1 --out mask.safetensors
     dowser train MODEL_DIR --mask mask.safetensors --data train.jsonl --out OUT_DIR
     dowser apply-delta BASE_DIR OUT_DIR/delta.safetensors --out MERGED_DIR
+    dowser export-peft DELTA --base BASE_DIR --out ADAPTER_DIR  # delta -> PEFT SHiRA adapter
+    dowser import-peft ADAPTER_DIR --base BASE_DIR --out DELTA  # SHiRA adapter -> delta
+    dowser report BASE_RESULTS TUNED_RESULTS...          # forgetting figures from lmms-eval
     dowser inspect FILE                                  # what a scores or mask file holds
     dowser import-ct2 [SRC] --out DIR                    # a CTranslate2 Whisper -> HF folder
     dowser demo --out DIR                                # forgetting demo on a built-in VLM
@@ -22,11 +25,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dowser.cli import apply_delta, bench, describe, import_ct2, mask, probe, train
+from dowser.cli import apply_delta, bench, describe, import_ct2, mask, peft, probe, report, train
 from dowser.errors import DowserError
 from dowser.version import __version__
 
-COMMANDS = (probe, mask, train, apply_delta, describe, import_ct2, bench)  # in --help order
+# in --help order
+COMMANDS = (probe, mask, train, apply_delta, peft, report, describe, import_ct2, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

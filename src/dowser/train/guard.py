@@ -44,10 +44,11 @@ def check_loss(loss: torch.Tensor, step: int, max_steps: int, epoch: float | Non
 
 
 @torch.no_grad()
-def check_weights(model: nn.Module) -> None:
+def check_weights(model: nn.Module, *, step: int | None = None) -> None:
     """Raise NonFiniteError if any trained parameter (requires_grad) holds inf or NaN.
 
     Each rank checks the part it holds (a DTensor's local shard), then all ranks agree.
+    `step`: the optimizer step just taken, for the message (checked during training).
     """
     bad = next(
         (
@@ -59,7 +60,8 @@ def check_weights(model: nn.Module) -> None:
     )
     if any_over_ranks(bad is not None):
         which = f" ({bad})" if bad else ""
+        when = f" at step {step}" if step is not None else ""
         raise NonFiniteError(
-            f"training produced non-finite weights{which}; the model was not saved. "
+            f"training produced non-finite weights{which}{when}; the model was not saved. "
             f"To fix it, {ADVICE}"
         )

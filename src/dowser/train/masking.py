@@ -89,6 +89,7 @@ class GradientMask:
         self._flags = prepare_model(model, mask, train_norms=train_norms)
         self._grad_hooks: list = []
         self._handles: list = []  # optimizer hooks
+        self._attached: list = []  # the optimizers they are on
         self._saved: list[torch.Tensor] | None = None
         self.bind(model)
 
@@ -136,6 +137,9 @@ class GradientMask:
         """
         if _moves_only_with_gradient(optimizer, self.params.values()):
             return self
+        if any(o is optimizer for o in self._attached):
+            return self  # attached already (a second train() call)
+        self._attached.append(optimizer)
         self._handles.append(optimizer.register_step_pre_hook(self._save))
         self._handles.append(optimizer.register_step_post_hook(self._restore))
         return self
@@ -158,6 +162,7 @@ class GradientMask:
             h.remove()
         self._grad_hooks.clear()
         self._handles.clear()
+        self._attached.clear()
         for n, p in self.model.named_parameters():
             if n in self._flags:
                 p.requires_grad_(self._flags[n])

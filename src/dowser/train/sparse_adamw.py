@@ -96,16 +96,22 @@ class SparseAdamW(torch.optim.Optimizer):
                 raise DowserError("SparseAdamW needs contiguous weights")
         return masked
 
-    def bind(self, model: nn.Module) -> SparseAdamW:
+    def bind(self, model: nn.Module | None = None) -> SparseAdamW:
         """Follow `model`'s masked weights after a wrapper replaced them (FSDP2's fully_shard).
 
         Sharding swaps every parameter for a DTensor holding a block of rows; the optimizer's
         parameter groups are updated by the wrapper, the mask's indices and gradient hooks by
-        this call, which cuts each mask like its weight. Call it before the first step.
+        this call, which cuts each mask like its weight. Without `model`, each masked weight
+        is found where it was in the parameter groups (wrappers replace parameters in place
+        there); `step` and `load_state_dict` do that by themselves, but call it before the
+        first backward so that the hooks zero frozen gradients before clipping sees them.
+        Binding again to the same parameters changes nothing.
         """
-        if any(self.state.values()):
-            raise DowserError("SparseAdamW.bind: call it before the first optimizer step")
-        masked = self._masked(model)
+        if model is None:
+            groups = self.param_groups
+            masked = {n: groups[g]["params"][k] for n, (g, k) in self._slots.items()}
+        else:
+            masked = self._masked(model)
         held = {id(p) for g in self.param_groups for p in g["params"]}
         lacking = [n for n, p in masked.items() if id(p) not in held]
         if len(masked) - len(lacking) < len(self._index):
@@ -113,17 +119,28 @@ class SparseAdamW(torch.optim.Optimizer):
                 f"SparseAdamW.bind: the optimizer no longer holds the model's {lacking[0]}; "
                 "bind it to the model it was made for, once wrapped"
             )
+        current = all(id(p) in self._index for p in masked.values() if id(p) in held)
+        if current and (self._hooks or not self.mask_grads or not self._index):
+            return self  # already bound to these parameters
+        if any(self.state.values()):
+            raise DowserError("SparseAdamW.bind: call it before the first optimizer step")
         self._bind(masked)
         return self
 
     def _bind(self, masked: dict[str, nn.Parameter]) -> None:
         # masked weights left out of every parameter group are not trained
-        held = {id(p) for g in self.param_groups for p in g["params"]}
+        where = {
+            id(p): (g, k)
+            for g, group in enumerate(self.param_groups)
+            for k, p in enumerate(group["params"])
+        }
         self.remove_hooks()
         self._index = {}
+        self._slots = {}  # name -> (group, position): where a wrapper puts its replacement
         for n, p in masked.items():
-            if id(p) not in held:
+            if id(p) not in where:
                 continue
+            self._slots[n] = where[id(p)]
             part = shard_like(self.mask[n], p)  # this rank's block of the mask
             flat = part.reshape(-1).nonzero().squeeze(1)
             dtype = torch.int32 if part.numel() < 2**31 else torch.int64
@@ -151,10 +168,9 @@ class SparseAdamW(torch.optim.Optimizer):
     def _step(self, closure=None):
         held = {id(p) for g in self.param_groups for p in g["params"]}
         if not held.issuperset(self._index):
-            raise DowserError(
-                "SparseAdamW's masked weights were replaced (the model was wrapped or sharded "
-                "after the optimizer was made): call optimizer.bind(model) before training"
-            )
+            # a wrapper replaced the masked weights (FSDP2, or torch's distributed checkpoint
+            # initialising state with a zero step): follow them where they were in the groups
+            self.bind()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -245,7 +261,9 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but keeps fp32 state fp32 and indices integer for any weight dtype,
-        and takes this rank's block of a row-sharded weight's whole state (`state_dict`)."""
+        and takes this rank's block of a row-sharded weight's whole state (`state_dict`).
+        Weights a wrapper replaced since the optimizer was made are followed first (`bind`)."""
+        self.bind()
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         states = dict(state_dict["state"])

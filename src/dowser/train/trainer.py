@@ -10,8 +10,8 @@ weight is written (`dowser.train.guard`); a mask with no trainable entry is refu
 Everything else is the stock Trainer (gradient accumulation, checkpointing, bf16, logging,
 resume, accelerate/torchrun launch). Under torchrun it trains with DDP, or with FSDP2 when
 asked (`TrainingArguments(fsdp=True)` or `accelerate launch --use_fsdp`): after the Trainer
-has sharded the model, the mask is cut like each weight's shard (`create_scheduler` is the
-hook that runs then); saving gathers a sharded model and rank 0 writes. DeepSpeed and FSDP1
+has sharded the model, the mask is cut like each weight's shard (`DowserCallback` does it when
+training begins); saving gathers a sharded model and rank 0 writes. DeepSpeed and FSDP1
 are refused (they flatten weights). Two optimizers:
 
 - "sparse-adamw" (default): `SparseAdamW` from the Trainer's learning rate, betas, epsilon
@@ -29,20 +29,20 @@ from typing import Any
 from transformers import Trainer, TrainerCallback
 
 from dowser.errors import DowserError
-from dowser.fingerprint import model_digests, model_fingerprints
-from dowser.io import check_writable
 from dowser.mask import Mask
-from dowser.train.artifacts import save_delta, save_merged
+from dowser.train.artifacts import save_merged
+from dowser.train.callback import DowserCallback, build_sparse_adamw
 from dowser.train.distributed import barrier, full_state_dict, is_main_process, is_sharded
 from dowser.train.guard import check_loss, check_weights
-from dowser.train.masking import mask_gradients, masked_parameters, prepare_model
-from dowser.train.sparse_adamw import SparseAdamW
-
-OPTIMIZERS = ("sparse-adamw", "masked-adamw")
+from dowser.train.masking import GradientMask
 
 
 class DowserTrainer(Trainer):
     """transformers.Trainer that fine-tunes only the trainable entries of `mask`.
+
+    The same pieces as `DowserCallback` (which it adds to its callbacks), plus what only a
+    subclass can do: SparseAdamW built from the Trainer's own learning rate, betas, epsilon
+    and weight decay; every micro-batch's loss checked; FSDP2 on CPU processes.
 
     Args:
         mask: the Dowser mask (checked against the model: names, shapes, fingerprints).
@@ -61,114 +61,48 @@ class DowserTrainer(Trainer):
         train_norms: bool = True,
         **kwargs: Any,
     ):
-        if optimizer not in OPTIMIZERS:
-            raise DowserError(f"optimizer={optimizer!r}: choose {' or '.join(OPTIMIZERS)}")
         if model is None:
             raise DowserError("DowserTrainer needs the model")
-        if args is not None and getattr(args, "deepspeed", None):
-            raise DowserError(
-                "DeepSpeed is not supported: ZeRO flattens weights into partitions that a "
-                "per-entry mask cannot follow. Use FSDP2 (TrainingArguments(fsdp=True), "
-                "`dowser train --fsdp`), which shards like ZeRO-3"
-            )
-        mask.check(model)
-        if mask.num_trainable() == 0:
-            raise DowserError(
-                "the mask leaves no entry trainable, so training would change nothing; build "
-                "it with a larger ratio"
-            )
+        # the loss is checked after every micro-batch here: no extra pass over the weights
+        self.dowser = DowserCallback(
+            mask, optimizer=optimizer, train_norms=train_norms, check_finite=False
+        )
+        self.dowser.setup(model, args)
         _choose_fsdp_units(args, model)
-        self.mask = mask
-        self.dowser_optimizer = optimizer
-        if optimizer == "masked-adamw":
-            self.gradient_mask = mask_gradients(model, mask, train_norms=train_norms)
-        else:
-            self.gradient_mask = None
-            prepare_model(model, mask, train_norms=train_norms)
-        masked = set(masked_parameters(model, mask))
-        self.dense_names = [
-            n for n, p in model.named_parameters() if p.requires_grad and n not in masked
-        ]
-        # fingerprints of the base weights, for the delta file
-        self.base_fingerprints = model_fingerprints(model, [*mask, *self.dense_names])
-        # and exact digests of every tensor the delta writes (one read of each, ~1 s per GB)
-        self.base_digests = model_digests(model, [*mask, *self.dense_names])
-        super().__init__(model=model, args=args, **kwargs)
+        callbacks = [*(kwargs.pop("callbacks", None) or []), self.dowser]
+        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+
+    @property
+    def mask(self) -> Mask:
+        return self.dowser.mask
+
+    @property
+    def gradient_mask(self) -> GradientMask | None:
+        return self.dowser.gradient_mask
+
+    @property
+    def dense_names(self) -> list[str]:
+        return self.dowser.dense_names
 
     def create_accelerator_and_postprocess(self) -> None:
-        """The stock accelerator, with FSDP2 allowed on CPU processes (gloo) and checked.
-
-        accelerate turns FSDP on only for accelerator devices; fully_shard itself runs on
-        CPU processes over gloo, so a CPU run asked for FSDP gets it too (the same code path
-        as on GPUs, which is how the tests check sharded training on a CPU machine).
-        """
+        """The stock accelerator, with FSDP2 allowed on CPU processes (`allow_cpu_fsdp`)."""
         super().create_accelerator_and_postprocess()
-        from accelerate import PartialState
-        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-        state = self.accelerator.state
-        asked = self.args.fsdp_plugin_args is not None or _env_flag("ACCELERATE_USE_FSDP")
-        if asked and state.distributed_type == DistributedType.MULTI_CPU:
-            plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
-            # accelerate keeps the distributed type in two shared dicts: set both
-            state.distributed_type = DistributedType.FSDP
-            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-            state.fsdp_plugin = plugin
-            self.is_fsdp_enabled = True
-        if asked and self.accelerator.num_processes < 2:
-            raise DowserError(
-                "FSDP needs several processes: launch with torchrun --nproc-per-node N "
-                "(or accelerate launch), or train without FSDP"
-            )
-        if self.is_fsdp_enabled and getattr(state.fsdp_plugin, "fsdp_version", 2) != 2:
-            raise DowserError(
-                "Dowser masks need FSDP2 (per-parameter sharding); FSDP1 flattens weights. "
-                "Set fsdp_config version 2 (the default)"
-            )
-
-    def create_scheduler(self, num_training_steps: int, optimizer: Any = None):
-        """The stock scheduler; first, point the mask at the parameters the wrapper made.
-
-        The Trainer calls this right after `accelerator.prepare`, once the model is final:
-        FSDP2 has by then replaced each weight by its shard, which the optimizer's groups
-        follow but the mask's indices and gradient hooks must be cut for (`bind`).
-        """
-        model = self.model
-        if self.gradient_mask is not None:
-            self.gradient_mask.bind(model)
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # AcceleratedOptimizer
-        if isinstance(inner, SparseAdamW):
-            inner.bind(model)
-        return super().create_scheduler(num_training_steps, optimizer)
+        allow_cpu_fsdp(self)
 
     def create_optimizer(self, model: Any = None):
-        """SparseAdamW, or the stock optimizer with frozen entries protected."""
-        if self.optimizer is not None:
-            return self.optimizer
-        if self.dowser_optimizer == "masked-adamw":
-            super().create_optimizer(model)
-            self.gradient_mask.attach(self.optimizer)
-            return self.optimizer
+        """SparseAdamW from the Trainer's settings, or the stock optimizer (the callback
+        protects its frozen entries)."""
+        if self.optimizer is not None or self.dowser.optimizer == "masked-adamw":
+            return super().create_optimizer(model)
         opt_model = self.model if model is None else model
-        decay = set(self.get_decay_parameter_names(opt_model))
-        masked = set(self.mask)
-        trainable = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
-        wd = self.args.weight_decay
-        groups = [
-            {"params": [p for n, p in trainable if n in masked or n in decay], "weight_decay": wd},
-            {
-                "params": [p for n, p in trainable if n not in masked and n not in decay],
-                "weight_decay": 0.0,
-            },
-        ]
-        self.optimizer = SparseAdamW(
+        self.optimizer = build_sparse_adamw(
             opt_model,
             self.mask,
+            decay=self.get_decay_parameter_names(opt_model),
             lr=self.args.learning_rate,
             betas=(self.args.adam_beta1, self.args.adam_beta2),
             eps=self.args.adam_epsilon,
-            weight_decay=wd,
-            param_groups=[g for g in groups if g["params"]],
+            weight_decay=self.args.weight_decay,
         )
         return self.optimizer
 
@@ -183,23 +117,8 @@ class DowserTrainer(Trainer):
 
         Under torchrun every rank must call this: a sharded model is gathered, rank 0 writes.
         """
-        path = check_writable(path, overwrite=overwrite)  # on every rank, before gathering
         model = self.accelerator.unwrap_model(self.model)
-        check_weights(model)
-        state = full_state_dict(model) if is_sharded(model) else None
-        if is_main_process():
-            save_delta(
-                model,
-                self.mask,
-                path,
-                base_fingerprints=self.base_fingerprints,
-                base_digests=self.base_digests,
-                dense=self.dense_names,
-                overwrite=overwrite,
-                state_dict=state,
-            )
-        barrier()
-        return path
+        return self.dowser.save_delta(model, path, overwrite=overwrite)
 
     def save_merged(
         self, out_dir: str | Path, *, preprocessors=(), source_dir: str | Path | None = None
@@ -231,6 +150,38 @@ class SaveLastStep(TrainerCallback):
         if state.global_step >= state.max_steps:
             control.should_save = True
         return control
+
+
+def allow_cpu_fsdp(trainer: Trainer) -> None:
+    """FSDP2 on CPU processes (gloo) when asked for, and FSDP1 refused.
+
+    accelerate turns FSDP on only for accelerator devices; fully_shard itself runs on CPU
+    processes over gloo, so a CPU run asked for FSDP gets it too (the same code path as on
+    GPUs, which is how the tests check sharded training on a CPU machine). Call it at the
+    end of a Trainer subclass's `create_accelerator_and_postprocess`, as DowserTrainer does.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    asked = trainer.args.fsdp_plugin_args is not None or _env_flag("ACCELERATE_USE_FSDP")
+    if asked and state.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin(**(trainer.args.fsdp_plugin_args or {}))
+        # accelerate keeps the distributed type in two shared dicts: set both
+        state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        state.fsdp_plugin = plugin
+        trainer.is_fsdp_enabled = True
+    if asked and trainer.accelerator.num_processes < 2:
+        raise DowserError(
+            "FSDP needs several processes: launch with torchrun --nproc-per-node N "
+            "(or accelerate launch), or train without FSDP"
+        )
+    if trainer.is_fsdp_enabled and getattr(state.fsdp_plugin, "fsdp_version", 2) != 2:
+        raise DowserError(
+            "Dowser masks need FSDP2 (per-parameter sharding); FSDP1 flattens weights. "
+            "Set fsdp_config version 2 (the default)"
+        )
 
 
 def _choose_fsdp_units(args: Any, model: Any) -> None:
