@@ -22,6 +22,7 @@ from dowser.forgetting.bench import (
     lr_grid,
     plan,
     prepare,
+    read_runs,
     run_benchmark,
 )
 from dowser.forgetting.encode import Encoded, encode
@@ -509,8 +510,23 @@ def test_bad_outputs_and_caches_are_clear_errors_that_keep_files(
     )
     assert code == 2 and "DOWSER_CACHE" in err and "Traceback" not in err
     assert (out / "runs.jsonl").read_text() == '{"mine": 1}\n'
-    with pytest.raises(DowserError, match="resume it or allow overwriting"):
+    with pytest.raises(DowserError, match=r"resume it \(--resume\) or allow overwriting"):
         run_benchmark(TINY, out, progress=False)
+
+
+def test_a_run_cut_short_while_written_is_done_again(tmp_path):
+    """kill -9 while a run's line is written: --resume keeps the whole lines, drops the cut
+    one from the file and runs it again; a bad line elsewhere is not silently skipped."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "runs.jsonl").write_text('{"key": "a"}\n{"key": "b"}\n{"key": "c", "acc')
+    path, records = read_runs(out, resume=True, overwrite=False)
+    assert records == [{"key": "a"}, {"key": "b"}]
+    assert path.read_text() == '{"key": "a"}\n{"key": "b"}\n'
+    assert read_runs(out, resume=False, overwrite=True)[1] == []
+    (out / "runs.jsonl").write_text('{"key": "a"}\n{"ke\n{"key": "c"}\n')
+    with pytest.raises(DowserError, match=r"runs.jsonl:2 is not a run record; remove that line"):
+        read_runs(out, resume=True, overwrite=False)
 
 
 def test_a_corrupt_cached_model_is_a_clear_error(data_env, prep, tmp_path):

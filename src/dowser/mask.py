@@ -18,6 +18,11 @@ Exactly round(update_ratio * numel) entries of a group are trainable (half round
 rounds per row). Ties are broken by position: an earlier matrix (model order), then a lower
 flat index, is trainable first. With this strict order a smaller ratio's trainable set always
 lies inside a larger one's.
+
+`exclude` (masks of earlier tasks) keeps every entry they trained frozen: the count stays
+round(update_ratio * numel) of the whole group, chosen by the same order among the entries no
+excluded mask trained; a group with fewer such entries is refused (use a smaller ratio).
+With structure "row" or "column" a line holding any excluded entry is no candidate.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import math
 import re
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -45,7 +50,14 @@ from dowser.ranking import (
     round_half_up,
 )
 from dowser.scores import Scores, _describe
-from dowser.selection import last_layers_only, rank_groups, select_weights
+from dowser.selection import (
+    check_room,
+    excluded_entries,
+    exclusion_record,
+    last_layers_only,
+    rank_groups,
+    select_weights,
+)
 from dowser.version import __version__
 
 SCOPES = ("tensor", "row", "layer", "global")
@@ -189,6 +201,7 @@ def build_mask(
     task_scores: Scores | None = None,
     combine: str = "split",
     pool: float = 2.0,
+    exclude: Sequence[Mask] = (),
 ) -> Mask:
     """Freeze the important weights: the lowest-scoring `update_ratio` of each group trains.
 
@@ -206,6 +219,9 @@ def build_mask(
         combine: how task_scores and scores rank together: "split", "ratio" or "task".
         pool: for "split", the candidates are the pool * rho least important (>= 1; all
             entries when pool * rho >= 1).
+        exclude: masks whose trainable entries must stay frozen (earlier tasks' masks; they
+            must fit the model's names and shapes). The count per group is unchanged and
+            ranked among the other entries; DowserError if too few remain (module doc).
     """
     ratio = _check_ratio(update_ratio)
     _check_options(scope, structure, task_scores, combine)
@@ -218,22 +234,27 @@ def build_mask(
     if last_layers is not None:
         names = last_layers_only(model, scores, names, last_layers)
     groups = rank_groups(scores, names, scope)
+    exclude = [_as_mask(m) for m in exclude]
+    excluded = excluded_entries(model, exclude, names)
+    check_room(scores, groups, excluded, ratio, scope, structure)
     masks: dict[str, torch.Tensor] = {}
     for group in groups:
         if task_scores is not None or structure != "entry":
             (name,) = group
-            masks[name] = _structured(scores, task_scores, name, ratio, structure, combine, pool)
+            masks[name] = _structured(
+                scores, task_scores, name, ratio, structure, combine, pool, excluded.get(name)
+            )
             continue
         if scope == "row":
             (name,) = group
-            dense = _checked_dense(scores, name)
+            dense = _checked_dense(scores, name, excluded.get(name))
             masks[name] = lowest_per_row(dense, ratio, scores.targets[name].transposed)
             continue
         k = round_half_up(ratio * _numel(scores, group))
         if len(group) == 1:  # one matrix: form it once
-            group_scores = [_checked_dense(scores, group[0])]
+            group_scores = [_checked_dense(scores, group[0], excluded.get(group[0]))]
         else:  # several: form each when needed, one at a time (see lowest_k)
-            group_scores = [partial(_checked_dense, scores, n) for n in group]
+            group_scores = [partial(_checked_dense, scores, n, excluded.get(n)) for n in group]
         masks.update(zip(group, lowest_k(group_scores, k), strict=True))
 
     # A group too small for the ratio (k = 0) stays wholly frozen; in "layer" or "global"
@@ -266,6 +287,8 @@ def build_mask(
             "task_estimator": task_scores.meta.get("estimator"),
             "task_examples": task_scores.meta.get("num_samples"),
         }
+    if exclude:
+        meta["exclude"] = exclusion_record(exclude, excluded)
     info = {
         n: {"layer": t.layer, "kind": t.kind, "group": t.group}
         for n, t in scores.targets.items()
@@ -299,9 +322,11 @@ def _structured(
     structure: str,
     combine: str,
     pool: float,
+    frozen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One matrix's mask from whole lines, or from the upstream and task scores together."""
-    up = _checked_dense(scores, name)
+    """One matrix's mask from whole lines, or from the upstream and task scores together;
+    `frozen` entries (excluded) rank last in both."""
+    up = _checked_dense(scores, name, frozen)
     transposed = scores.targets[name].transposed
     if task_scores is None:
         return lowest_lines(up, ratio, transposed, structure)
@@ -312,6 +337,8 @@ def _structured(
         )
     k = round_half_up(ratio * up.numel())
     key = combine_task(up, _checked_dense(task_scores, name), k, combine, pool)
+    if frozen is not None:  # "task" ignores S, so the key itself must rank them last
+        key = key.masked_fill(frozen.to(key.device), math.inf)
     return lowest_k([key], k)[0]
 
 
@@ -319,8 +346,9 @@ def _numel(scores: Scores, group: list[str]) -> int:
     return sum(math.prod(scores.shapes[n]) for n in group)
 
 
-def _checked_dense(scores: Scores, name: str) -> torch.Tensor:
-    """S for `name`, refused unless finite and >= 0 (what the ranking assumes)."""
+def _checked_dense(scores: Scores, name: str, frozen: torch.Tensor | None = None) -> torch.Tensor:
+    """S for `name`, refused unless finite and >= 0 (what the ranking assumes); +inf at the
+    `frozen` entries, so they rank after every finite score (check_room keeps k below them)."""
     d = scores.dense(name)
     if not torch.isfinite(d).all():
         raise DowserError(
@@ -332,7 +360,17 @@ def _checked_dense(scores: Scores, name: str) -> torch.Tensor:
             f"scores for {name} hold negative values (min {float(d.min()):.3g}); importance "
             "scores are >= 0 (e.g. |W| ||J|| |h|): give non-negative factors"
         )
-    return d
+    return d if frozen is None else d.masked_fill_(frozen.to(d.device), math.inf)
+
+
+def _as_mask(mask: object) -> Mask:
+    if isinstance(mask, Mask):
+        return mask
+    if isinstance(mask, Mapping):
+        return Mask(mask)  # checks bool tensors
+    raise DowserError(
+        f"exclude takes masks (Mask.load(path)), not {type(mask).__name__}: load each file first"
+    )
 
 
 def _check_ratio(update_ratio: float) -> float:

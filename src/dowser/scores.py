@@ -111,8 +111,9 @@ class Scores:
         problem = _describe(missing, wrong_shape, other)
         if problem:
             raise DowserError(
-                f"these scores do not fit this model: {problem}; probe this model with "
-                "`dowser probe` (or dowser.probe) to get scores for it"
+                f"these scores do not fit this model: they were probed on another model "
+                f"({problem}); probe this model (a fine-tuned checkpoint needs its own scores) "
+                "with `dowser probe` or dowser.probe"
             )
 
     def outer(self, name: str) -> torch.Tensor:

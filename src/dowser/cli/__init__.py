@@ -4,6 +4,7 @@
     dowser mask SCORES --model MODEL_DIR --ratio 0.1 --out mask.safetensors
     dowser train MODEL_DIR --mask mask.safetensors --data train.jsonl --out OUT_DIR
     dowser apply-delta BASE_DIR OUT_DIR/delta.safetensors --out MERGED_DIR
+    dowser merge-deltas D1 D2 ... --base BASE_DIR --out MERGED_DIR  # deltas of one base, merged
     dowser export-peft DELTA --base BASE_DIR --out ADAPTER_DIR  # delta -> PEFT SHiRA adapter
     dowser import-peft ADAPTER_DIR --base BASE_DIR --out DELTA  # SHiRA adapter -> delta
     dowser report BASE_RESULTS TUNED_RESULTS...          # forgetting figures from lmms-eval
@@ -25,12 +26,34 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dowser.cli import apply_delta, bench, describe, import_ct2, mask, peft, probe, report, train
+from dowser.cli import (
+    apply_delta,
+    bench,
+    describe,
+    import_ct2,
+    mask,
+    merge_deltas,
+    peft,
+    probe,
+    report,
+    train,
+)
 from dowser.errors import DowserError
 from dowser.version import __version__
 
 # in --help order
-COMMANDS = (probe, mask, train, apply_delta, peft, report, describe, import_ct2, bench)
+COMMANDS = (
+    probe,
+    mask,
+    train,
+    apply_delta,
+    merge_deltas,
+    peft,
+    report,
+    describe,
+    import_ct2,
+    bench,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""`dowser demo` and `dowser bench forgetting | estimators | recipes`: the forgetting benchmarks.
+"""`dowser demo` and `dowser bench forgetting | estimators | recipes | continual`: the forgetting
+benchmarks.
 
 The demo is the benchmark's "demo" preset: pretrain (first run only; then from the cache) the
 built-in LLaVA on Fashion-MNIST and WordNet, probe it without data, fine-tune it on sklearn
@@ -141,6 +142,26 @@ def run_recipes_cli(
     return summary
 
 
+def run_continual_cli(
+    preset: str,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """The continual benchmark's `preset` into `out`; print and return its results."""
+    from dowser.forgetting.continual import CONTINUAL_PRESETS, run_continual
+    from dowser.forgetting.continual_report import markdown
+
+    config = CONTINUAL_PRESETS[preset]
+    result = _study(run_continual, config, out, "llava", overwrite, resume, cache, progress)
+    print(markdown(result))
+    print(f"wrote {out}/results.json, {out}/results.md and {len(result['plots'])} plots")
+    return result
+
+
 def _study(run, config, out, model, overwrite, resume, cache, progress) -> dict:
     """Check the requirements and OUT, then `run(config, OUT, ...)` (a resumable study)."""
     _check_missing_packages(model)
@@ -281,6 +302,22 @@ def add_parser(sub) -> None:
     r.add_argument("--resume", action="store_true", help="keep the runs already in --out")
     bench_options(r)
     r.set_defaults(func=_cmd_bench_recipes)
+    c = bsub.add_parser(
+        "continual",
+        help="three downstream tasks in turn: accuracy matrix, backward transfer, forgetting",
+        description=(
+            "Fine-tune the built-in LLaVA on three downstream tasks one after another with "
+            "every continual method (full-ft, lora, random-mask, dowser-static, dowser-reprobe, "
+            "dowser-reprobe-exclude, spider, merge) and write results.json (the accuracy matrix "
+            "per method), results.md and heat-map and frontier plots to --out; --resume "
+            "continues."
+        ),
+    )
+    c.add_argument("--out", default="continual-out", help="output directory")
+    c.add_argument("--quick", action="store_true", help="one seed, one learning rate (minutes)")
+    c.add_argument("--resume", action="store_true", help="keep the sequences already in --out")
+    bench_options(c)
+    c.set_defaults(func=_cmd_bench_continual)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -316,6 +353,17 @@ def _cmd_bench_recipes(args: argparse.Namespace) -> None:
         "quick" if args.quick else (args.preset or "full"),
         Path(args.out),
         model=args.model,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        cache=args.cache,
+        progress=not args.quiet,
+    )
+
+
+def _cmd_bench_continual(args: argparse.Namespace) -> None:
+    run_continual_cli(
+        "quick" if args.quick else "full",
+        Path(args.out),
         overwrite=args.overwrite,
         resume=args.resume,
         cache=args.cache,

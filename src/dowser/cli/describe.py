@@ -38,7 +38,14 @@ def describe_file(path: str | Path) -> str:
             f"{k}={mask.meta.get(k)}"
             for k in ("update_ratio", "scope", "targets", "last_layers", "estimator")
         )
-        return f"{path}: mask ({settings})\n{mask.summary()}"
+        text = f"{path}: mask ({settings})\n{mask.summary()}"
+        excluded = mask.meta.get("exclude")
+        if excluded:  # masks of earlier tasks whose entries this one keeps frozen
+            n = sum(excluded.get("entries", {}).values())
+            ids = ", ".join(excluded.get("masks", []))
+            k = len(excluded.get("masks", []))
+            text += f"\n  excludes {n:,} entries trained by {k} mask{'s' * (k != 1)} ({ids})"
+        return text
     if kind == "delta":
         from dowser.io import load_safetensors
         from dowser.train.artifacts import read_delta

@@ -80,6 +80,14 @@ def add_parser(sub) -> None:
     m.add_argument(
         "--max-length", type=positive, default=1024, help="with --task-data: tokens per example"
     )
+    m.add_argument(
+        "--exclude",
+        nargs="+",
+        default=[],
+        metavar="MASK",
+        help="masks of earlier tasks: no entry they trained is trainable here (same count per "
+        "matrix, ranked among the other entries; refused if too few remain)",
+    )
     m.add_argument("--out", required=True, help="mask file to write, e.g. mask.safetensors")
     m.add_argument(
         "--trust-remote-code", action="store_true", help="allow the checkpoint's own Python code"
@@ -92,13 +100,14 @@ def run(args: argparse.Namespace) -> None:
     """Build a mask from scores and write it."""
     from dowser.hf import load_model
     from dowser.io import check_outside_inputs, check_writable
-    from dowser.mask import build_mask
+    from dowser.mask import Mask, build_mask
     from dowser.scores import Scores
 
     out = check_writable(args.out, overwrite=args.overwrite, flag="--overwrite")
-    check_outside_inputs(
-        out, {"scores": args.scores, "model directory": args.model, "task data": args.task_data}
-    )
+    inputs = {"scores": args.scores, "model directory": args.model, "task data": args.task_data}
+    inputs |= {f"excluded mask {i}": path for i, path in enumerate(args.exclude, 1)}
+    check_outside_inputs(out, inputs)
+    exclude = [Mask.load(path) for path in args.exclude]  # before the model: fail fast
     scores = Scores.load(args.scores)
     if args.weight_power is not None:
         scores = scores.with_weight_power(args.weight_power)
@@ -118,6 +127,7 @@ def run(args: argparse.Namespace) -> None:
         structure=args.structure,
         task_scores=task_scores,
         combine=args.combine,
+        exclude=exclude,
     )
     mask.save(out, overwrite=args.overwrite)
     print(mask.summary())

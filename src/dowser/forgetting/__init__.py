@@ -14,6 +14,8 @@ Modules, in the order the benchmark uses them:
     bench.py    the sweeps, resumable runs, for any track (speech/: Whisper tiny.en)
     report.py   frontiers, best H, matched A_up, depth/ratio tables, plots
     estimators.py, estimators_report.py   the estimator study and its tables and plots
+    continual.py, continual_report.py     several downstream tasks in turn (accuracy matrix,
+                backward transfer, forgetting): `dowser bench continual`
     speech/     the same benchmark on Whisper tiny.en (speech made with espeak-ng)
 """
 

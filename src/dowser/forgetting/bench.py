@@ -235,6 +235,34 @@ def _without_ratio(setting: Setting) -> Setting:
     return replace(setting, update_ratio=0.0)
 
 
+def read_runs(out: Path, *, resume: bool, overwrite: bool) -> tuple[Path, list[dict]]:
+    """(OUT/runs.jsonl, the runs already in it): kept with `resume` (a last line cut short by
+    a crash is dropped: that run is simply done again), none when the file is absent or
+    `overwrite` (the caller removes the file once ready), else a DowserError. Creates OUT."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs_path = out / "runs.jsonl"
+    if runs_path.exists() and not (resume or overwrite):
+        raise DowserError(
+            f"{runs_path} exists; resume it (--resume) or allow overwriting (--overwrite)"
+        )
+    if not (resume and runs_path.is_file()):
+        return runs_path, []
+    lines = runs_path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            records += [json.loads(line)] if line.strip() else []
+        except json.JSONDecodeError:
+            if i < len(lines):
+                raise DowserError(
+                    f"{runs_path}:{i} is not a run record; remove that line to run it again, "
+                    "or start over with --overwrite"
+                ) from None
+            # the last line, written when the process died: rewrite the file without it
+            runs_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return runs_path, records
+
+
 def run_benchmark(
     config: BenchConfig,
     out: Path,
@@ -256,13 +284,7 @@ def run_benchmark(
 
     _check_task_methods(config)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs_path = out / "runs.jsonl"
-    records = []
-    if resume and runs_path.is_file():
-        records = [json.loads(line) for line in runs_path.read_text().splitlines() if line]
-    elif runs_path.exists() and not overwrite:
-        raise DowserError(f"{runs_path} exists; resume it or allow overwriting")
+    runs_path, records = read_runs(out, resume=resume, overwrite=overwrite)
     done = {_key(r) for r in records}
     t0 = time.perf_counter()
     prep = prepared or prepare(config, cache=cache, progress=progress)

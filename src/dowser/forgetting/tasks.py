@@ -12,6 +12,8 @@ candidate more probable than every other one.
     downstream (fine-tuned on)
       digits        sklearn's 8x8 handwritten digits -> "Which digit is this?" (10 classes)
       wordnet-topic WordNet noun gloss -> its lexicographer category (8 of them)
+    `class_subset` restricts a task to some of its classes (the continual benchmark's
+    digits-low and digits-high: digits 0-4 and 5-9, each with its own candidates)
 
 WordNet synsets are split by a hash of their offset: 60 % feed wordnet-pos, 40 % wordnet-topic,
 so that no gloss is seen both in pretraining and in fine-tuning. Test splits are disjoint from
@@ -227,6 +229,19 @@ def wordnet_define(n: int, *, seed: int = 0, synsets: list | None = None) -> Tas
         answers=[rows[i][1] for i in idx],
     )
     return Task("wordnet-define", (), train, Split([], np.zeros(0, dtype=np.int64)))
+
+
+def class_subset(task: Task, classes: tuple[int, ...], name: str) -> Task:
+    """`task` restricted to `classes` (labels renumbered 0..len-1, candidates kept in order):
+    the same examples, train and test splits as the full task."""
+    remap = np.full(len(task.candidates), -1)
+    remap[list(classes)] = np.arange(len(classes))
+    splits = []
+    for split in (task.train, task.test):
+        part = split.take(np.flatnonzero(remap[split.labels] >= 0))
+        part.labels = remap[part.labels]
+        splits.append(part)
+    return Task(name, tuple(task.candidates[c] for c in classes), *splits)
 
 
 def _text_task(name, candidates, rows, question, n_train, n_test, seed) -> Task:

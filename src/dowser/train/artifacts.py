@@ -6,8 +6,9 @@ bit for bit), plus every densely trained tensor (the tuned layers' norms) whole.
 ratio rho a delta is about rho * (dtype + 4 bytes) per masked entry: a few percent of the
 model.
 
-What `apply_delta` checks before it writes anything, for every tensor the delta writes (and
-only those: the merged model is the given base, plus the delta):
+What `apply_delta` checks before it writes anything (`checked_delta`, which
+`dowser.train.compose.merge_deltas` runs on every delta too), for every tensor the delta
+writes (and only those: the merged model is the given base, plus the delta):
 
 1. the file: every written tensor has a shape, indices within it, as many values as indices
    (a dense tensor: that shape), and the file holds no tensor its metadata does not list;
@@ -109,6 +110,23 @@ def save_delta(
 def apply_delta(model: nn.Module, path: PathLike) -> nn.Module:
     """Write a delta's values into `model` (in place) after the checks of the module doc;
     nothing is written unless they all pass."""
+    tensors, sparse, dense = checked_delta(model, path)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    # no_grad as a block, not a decorator: mutation testing skips decorated functions
+    with torch.no_grad():
+        for name in sparse:
+            p = params[name]
+            idx = tensors[f"{name}::indices"].long().to(p.device)
+            values = tensors[f"{name}::values"].to(device=p.device, dtype=p.dtype)
+            p.view(-1).index_copy_(0, idx, values)
+        for name in dense:
+            params[name].copy_(tensors[f"{name}::dense"])
+    return model
+
+
+def checked_delta(model: nn.Module, path: PathLike) -> tuple[dict, list[str], list[str]]:
+    """(tensors, sparse names, dense names) of the delta at `path`, after every check of the
+    module doc against `model`; writes nothing. DowserError if a check fails."""
     tensors, meta = load_safetensors(path, kind="delta")
     sparse, dense, shapes, fingerprints, digests = read_delta(path, tensors, meta)
     problem = _describe(*mismatches(fingerprints, model, shapes))
@@ -125,19 +143,9 @@ def apply_delta(model: nn.Module, path: PathLike) -> nn.Module:
         warnings.warn(
             f"{path} is a format-1 delta (no digests): its base was checked on sampled "
             "fingerprints only (4,096 entries per tensor), not entry by entry",
-            stacklevel=2,
+            stacklevel=3,
         )
-    params = dict(model.named_parameters(remove_duplicate=False))
-    # no_grad as a block, not a decorator: mutation testing skips decorated functions
-    with torch.no_grad():
-        for name in sparse:
-            p = params[name]
-            idx = tensors[f"{name}::indices"].long().to(p.device)
-            values = tensors[f"{name}::values"].to(device=p.device, dtype=p.dtype)
-            p.view(-1).index_copy_(0, idx, values)
-        for name in dense:
-            params[name].copy_(tensors[f"{name}::dense"])
-    return model
+    return tensors, sparse, dense
 
 
 def read_delta(path: PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> tuple:
