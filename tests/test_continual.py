@@ -15,6 +15,7 @@ from dowser.forgetting.bench import lr_grid as single_task_grid
 from dowser.forgetting.continual_report import (
     backward_transfer,
     forgetting,
+    markdown,
     metrics,
     summarize,
 )
@@ -87,6 +88,39 @@ def test_summary_schema_and_best_learning_rate():
     assert full["forgetting"]["up"] == pytest.approx(0.3)
 
 
+def _end(acc_end: float, up_end: float) -> list[list[float]]:
+    """U = 1, T = 2: zero-shot ACC 0.2; ACC at the end `acc_end`, A_up `up_end`, task 1 at
+    1.0 right after it was learnt (so BWT = acc_end - 1)."""
+    return [[0.9, 0.2, 0.2], [0.9, 1.0, 0.2], [up_end, acc_end, acc_end]]
+
+
+def test_methods_are_compared_at_matched_acc_paired_by_seed():
+    """A_up and BWT interpolated on each seed's frontier at ACC levels between the
+    pretrained model's ACC (0.2) and full-ft's best (0.8), differenced per seed."""
+    records = []
+    for seed, lift in ((0, 0.0), (1, 0.02)):
+        records += [
+            _rec("full-ft", 1e-4, seed, _end(0.5, 0.5)),
+            _rec("full-ft", 1e-3, seed, _end(0.8, 0.3)),
+            _rec("random-mask", 1e-3, seed, _end(0.4, 0.8)),
+            _rec("random-mask", 1e-2, seed, _end(0.6, 0.6)),
+            _rec("spider", 1e-4, seed, _end(0.4, 0.9 + lift)),
+            _rec("spider", 1e-3, seed, _end(0.6, 0.7 + lift)),
+        ]
+    config = replace(TINY_C, methods=("full-ft", "random-mask", "spider"))
+    result = summarize(records, config, tasks=["up", "a", "b"], upstream=["up"])
+    half = result["matched"]["0.5"]
+    assert half["a_down"] == pytest.approx(0.5)  # 0.2 + 0.5 * (0.8 - 0.2)
+    spider, rand = half["methods"]["spider"], half["methods"]["random-mask"]
+    assert rand["a_up"]["mean"] == pytest.approx(0.7)  # halfway between 0.8 and 0.6
+    assert spider["a_up_minus_random-mask"] == {"mean": 0.11, "se": 0.01, "n": 2}
+    assert spider["bwt_minus_random-mask"]["mean"] == pytest.approx(0.0)  # BWT = ACC - 1
+    assert half["methods"]["full-ft"]["a_up"]["mean"] == pytest.approx(0.5)
+    assert "spider" not in result["matched"]["0.9"]["methods"]  # its frontier stops at 0.6
+    assert result["best_h"]["spider"]["h_minus_random-mask"]["mean"] > 0
+    assert "| spider |" in markdown(result) and "**+0.110 ± 0.010**" in markdown(result)
+
+
 def test_grids_and_settings_are_the_single_task_benchmarks():
     full = C.CONTINUAL_PRESETS["full"]
     single = PRESETS["full"]
@@ -109,6 +143,7 @@ def test_grids_and_settings_are_the_single_task_benchmarks():
         "dowser-reprobe-exclude",
         "spider",
         "merge",
+        "merge-exclude",
     }
     # methods sharing stage 1 run back to back
     order = [r["method"] for r in C.plan(replace(full, seeds=(0,), lrs=(1e-4,)))]
@@ -167,12 +202,15 @@ def test_every_method_runs_the_sequence_and_resumes(prep, tmp_path, monkeypatch)
         assert by[name]["accuracy"][1] == by["dowser-static"]["accuracy"][1]
     assert by["dowser-static"]["mask_reused"] == [0.0, 1.0, 1.0]
     assert by["dowser-reprobe-exclude"]["mask_reused"] == [0.0, 0.0, 0.0]
+    assert by["merge-exclude"]["mask_reused"] == [0.0, 0.0, 0.0]  # disjoint: exact merges
     assert by["full-ft"]["mask_reused"] is None
     runs = {r["method"]: r for r in saved["runs"]}
     assert runs["merge"]["merge_overlap"][0] == 0 and runs["merge"]["merge_overlap"][1] > 0.5
+    # disjoint masks: only the densely trained norms are written by several deltas
+    assert 0 < runs["merge-exclude"]["merge_overlap"][1] < 0.1
     assert {"heatmaps.png", "frontier.png", "heatmap-merge.png"} <= set(saved["plots"])
     assert "| dowser-reprobe-exclude |" in (out / "results.md").read_text()
-    assert len(result["methods"]) == 8
+    assert len(result["methods"]) == 9
 
     # resume: the finished sequences are skipped, a missing one runs again
     lines = (out / "runs.jsonl").read_text().splitlines()

@@ -51,6 +51,7 @@ from dowser.ranking import (
 )
 from dowser.scores import Scores, _describe
 from dowser.selection import (
+    check_ratio,
     check_room,
     excluded_entries,
     exclusion_record,
@@ -223,7 +224,7 @@ def build_mask(
             must fit the model's names and shapes). The count per group is unchanged and
             ranked among the other entries; DowserError if too few remain (module doc).
     """
-    ratio = _check_ratio(update_ratio)
+    ratio = check_ratio(update_ratio)
     _check_options(scope, structure, task_scores, combine)
     if isinstance(pool, bool) or not isinstance(pool, (int, float)) or not 1 <= pool < math.inf:
         raise DowserError(f"pool={pool!r}: use a number >= 1 (times the trainable count)")
@@ -371,16 +372,6 @@ def _as_mask(mask: object) -> Mask:
     raise DowserError(
         f"exclude takes masks (Mask.load(path)), not {type(mask).__name__}: load each file first"
     )
-
-
-def _check_ratio(update_ratio: float) -> float:
-    ok = isinstance(update_ratio, (int, float)) and not isinstance(update_ratio, bool)
-    if not ok or not math.isfinite(update_ratio) or not 0 < update_ratio <= 1:
-        raise DowserError(
-            f"update ratio {update_ratio!r} is outside (0, 1]: it is the fraction of each "
-            "matrix left trainable, e.g. 0.1"
-        )
-    return float(update_ratio)
 
 
 def _pack(t: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,17 @@ def rank_groups(scores: Scores, names: list[str], scope: str) -> list[list[str]]
     return list(by_layer.values())
 
 
+def check_ratio(update_ratio: float) -> float:
+    """`update_ratio` as a float, refused unless a finite number in (0, 1]."""
+    ok = isinstance(update_ratio, (int, float)) and not isinstance(update_ratio, bool)
+    if not ok or not math.isfinite(update_ratio) or not 0 < update_ratio <= 1:
+        raise DowserError(
+            f"update ratio {update_ratio!r} is outside (0, 1]: it is the fraction of each "
+            "matrix left trainable, e.g. 0.1"
+        )
+    return float(update_ratio)
+
+
 def excluded_entries(
     model: nn.Module, masks: Sequence[Mapping[str, torch.Tensor]], names: Sequence[str]
 ) -> dict[str, torch.Tensor]:

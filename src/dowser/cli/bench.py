@@ -308,7 +308,7 @@ def add_parser(sub) -> None:
         description=(
             "Fine-tune the built-in LLaVA on three downstream tasks one after another with "
             "every continual method (full-ft, lora, random-mask, dowser-static, dowser-reprobe, "
-            "dowser-reprobe-exclude, spider, merge) and write results.json (the accuracy matrix "
+            "dowser-reprobe-exclude, spider, merge, merge-exclude) and write results.json (the accuracy matrix "
             "per method), results.md and heat-map and frontier plots to --out; --resume "
             "continues."
         ),

@@ -13,24 +13,18 @@ label sets (the field's "Split MNIST", task-incremental: each half has its own c
 with the single-task benchmark's train / test split of digits. Upstream tasks (fashion,
 wordnet-pos) are the pretraining tasks the forgetting benchmark measures (A_up).
 
-Methods (`CONTINUAL_METHODS`), every one through `train.train_loop` with the single-task
-benchmark's settings (rho of each q/k/v/o/gate/up/down matrix of the last N decoder layers,
-norms of those layers dense, the same learning-rate grids; `lr_grid`):
+Methods (`CONTINUAL_METHODS`; README "The continual benchmark"), every one through
+`train.train_loop` with the single-task benchmark's settings (rho of each q/k/v/o/gate/up/down
+matrix of the last N decoder layers, norms of those layers dense, its learning-rate grids):
+full-ft, lora (merged after each task), random-mask (a new draw per task), dowser-static (the
+base's mask every time), dowser-reprobe (the current model probed again before each task),
+dowser-reprobe-exclude (the same without entries earlier tasks trained: `build_mask(exclude=)`),
+spider, and two merges of deltas trained from the BASE, deltas 1..s merged onto it after
+stage s by `dowser.train.compose.merge_deltas` (overlap="sum": an entry several deltas touch
+gets the sum of their changes): merge (the base's mask for every task) and merge-exclude
+(disjoint masks: the base's mask without the entries of earlier tasks).
 
-    full-ft                 every entry, one task after another
-    lora                    LoRA on the current model, merged into it after each task
-    random-mask             a new random mask (rho of each matrix) per task
-    dowser-static           the pretrained model's Dowser mask, kept for every task
-    dowser-reprobe          the current model probed again (no data) before each task
-    dowser-reprobe-exclude  the same, never training an entry an earlier task's mask trained
-                            (`build_mask(exclude=...)`)
-    spider                  SPIDER in sequence (pulled back towards each stage's start)
-    merge                   each task's delta trained from the BASE with the pretrained
-                            model's mask, then deltas 1..s merged onto the base
-                            (`dowser.train.compose.merge_deltas`, overlap="sum": an entry
-                            several deltas touch gets the sum of their changes)
-
-Stage 1 of dowser-static, both reprobe methods and merge is the same training (the base's
+Stage 1 of dowser-static, both reprobe methods and both merges is the same training (the base's
 mask on the base), so it runs once per learning rate and seed and is shared. Each finished
 (method, lr, seed) sequence is appended to OUT/runs.jsonl; `resume=True` skips those already
 there. `continual_report.py` turns the runs into the metrics, tables and plots.
@@ -74,9 +68,11 @@ CONTINUAL_METHODS: tuple[str, ...] = (
     "dowser-reprobe-exclude",
     "spider",
     "merge",
+    "merge-exclude",
 )
-MASK_METHODS = ("random-mask", "dowser-static", "dowser-reprobe", "dowser-reprobe-exclude", "merge")
-SHARED_FIRST = ("dowser-static", "dowser-reprobe", "dowser-reprobe-exclude", "merge")
+MERGES = ("merge", "merge-exclude")  # deltas trained from the base, merged onto it
+MASK_METHODS = ("random-mask", "dowser-static", "dowser-reprobe", "dowser-reprobe-exclude", *MERGES)
+SHARED_FIRST = ("dowser-static", "dowser-reprobe", "dowser-reprobe-exclude", *MERGES)
 # the single-task grid factors: 10 for a mask (rho = 0.1 of the entries move), 3 for LoRA
 CONTINUAL_LR_SCALE = {m: LR_SCALE["random-mask"] for m in MASK_METHODS} | {"lora": LR_SCALE["lora"]}
 
@@ -220,11 +216,13 @@ class Sequencer:
         c = self.config
         return Setting(lr, c.last_layers, c.update_ratio, seed, c.steps, c.batch_size)
 
-    def base_mask(self, setting: Setting) -> Mask:
-        """The pretrained model's Dowser mask (its probe is cached in the score bank)."""
+    def base_mask(self, setting: Setting, exclude: list[Mask] | None = None) -> Mask:
+        """The pretrained model's Dowser mask (its probe is cached in the score bank),
+        without the entries of the `exclude` masks."""
         data = self.prep.train[self.config.sequence[0]]
         scores = self.prep.bank.get("dowser", seed=0, task="", data=data)
-        return tuned_mask(self.prep.base, setting, scores)
+        options = {"exclude": list(exclude)} if exclude else {}
+        return tuned_mask(self.prep.base, setting, scores, **options)
 
     def run(self, method: str, lr: float, seed: int) -> dict:
         """The accuracy matrix (stage 0..T x every task) of one sequence, with per-stage
@@ -242,7 +240,7 @@ class Sequencer:
                     mask, tuned, loss, row = self._shared_first(setting)
                 elif method in MASK_METHODS:
                     mask = self._mask(method, model, setting, stage, masks)
-                    start = prep.base if method == "merge" else model
+                    start = prep.base if method in MERGES else model
                     tuned, loss = train_masked(start, mask, data, setting, progress=self.progress)
                     row = None
                 else:
@@ -251,7 +249,7 @@ class Sequencer:
                 if mask is not None:
                     reused.append(round(overlap(mask, masks), 4))
                     masks.append(mask)
-                if method == "merge":
+                if method in MERGES:
                     deltas.append(self._save_delta(tuned, mask, Path(tmp) / f"{stage}.safetensors"))
                     model, report = _merge(prep.base, deltas)
                     shared.append(round(report["overlap"] / max(1, report["entries"]), 4))
@@ -267,7 +265,7 @@ class Sequencer:
             "accuracy": [[round(a, 4) for a in row] for row in rows],
             "final_loss": losses,
             "mask_reused": reused if masks else None,
-            "merge_overlap": shared if method == "merge" else None,
+            "merge_overlap": shared if method in MERGES else None,
             "stage_seconds": seconds,
             "seconds": round(time.perf_counter() - t0, 2),
         }
@@ -290,6 +288,8 @@ class Sequencer:
             return tuned_mask(model, setting, scores)
         if method in ("dowser-static", "merge"):
             return masks[0] if masks else self.base_mask(setting)
+        if method == "merge-exclude":  # the base's scores, every earlier task's entries out
+            return self.base_mask(setting, exclude=masks)
         bank = ScoreBank(model, self.prep.processor, probe_kwargs=dict(self.config.probe))
         scores = bank.get("dowser", seed=0, task="", data=self.prep.train[self.config.sequence[0]])
         if method == "dowser-reprobe-exclude" and masks:

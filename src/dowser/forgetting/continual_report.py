@@ -16,6 +16,11 @@ Each method's reported matrix is the mean over seeds at its best learning rate: 
 the highest mean H = 2 A_up ACC / (A_up + ACC) at the end (as the single-task benchmark picks
 best H). The per-lr points (ACC and A_up at the end, mean +- standard error over seeds) are
 the method's frontier.
+
+Methods are compared at matched ACC (`matched_end`, as `dowser.forgetting.matched` compares
+single tasks): on each seed's frontier over learning rates, A_up and BWT are interpolated
+at ACC levels a fraction of the way from the pretrained model's ACC (stage 0) to full-ft's
+best seed-mean ACC, then differenced against a baseline paired by seed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from dowser.eval.metrics import h_score, mean_stderr
+from dowser.forgetting.matched import best_h, matched
+from dowser.forgetting.recipes_report import _diff
 from dowser.forgetting.report import _save, _write_text
 from dowser.forgetting.style import COLORS as SINGLE_TASK_COLORS
 from dowser.forgetting.style import _style
@@ -38,6 +45,7 @@ COLORS = {
     "dowser-reprobe": "tab:cyan",
     "dowser-reprobe-exclude": "navy",
     "merge": "tab:purple",
+    "merge-exclude": "tab:pink",
 }
 
 
@@ -95,6 +103,31 @@ def metrics(acc, n_upstream: int) -> dict:
         "a_up": a_up(acc, n_upstream),
         "forgetting": f,
         "mean_forgetting": float(np.mean(down)) if down else None,
+    }
+
+
+MATCH_BASELINES = ("random-mask", "spider", "full-ft")
+
+
+def matched_end(records: list[dict], n_upstream: int) -> dict:
+    """{"best_h": method -> {"h", "h_minus_<baseline>"}, "matched": level -> {"a_down": the
+    ACC level, "methods": method -> {"a_up", "bwt", "<y>_minus_<baseline>"}}} (module doc)."""
+    flat = [{"task": "seq", "phase": "zero-shot", "method": "zero-shot", "seed": 0, "lr": 0}]
+    flat[0]["a_down"] = float(np.mean(records[0]["accuracy"][0][n_upstream:]))
+    for r in records:
+        m = metrics(r["accuracy"], n_upstream)
+        flat.append(
+            {
+                **{k: r[k] for k in ("method", "seed", "lr")},
+                **{"task": "seq", "phase": "frontier", "a_down": m["average_accuracy"]},
+                **{"a_up": m["a_up"], "bwt": m["backward_transfer"]},
+            }
+        )
+    if not any(r["method"] == "full-ft" for r in records):
+        return {}
+    return {
+        "best_h": best_h(flat, MATCH_BASELINES)["seq"],
+        "matched": matched(flat, MATCH_BASELINES, ys=("a_up", "bwt"))["seq"],
     }
 
 
@@ -158,6 +191,7 @@ def summarize(records: list[dict], config, *, tasks: list[str], upstream: list[s
         "upstream": upstream,
         "sequence": tasks[u:],
         "methods": methods,
+        **(matched_end(records, u) if records else {}),
     }
 
 
@@ -193,6 +227,8 @@ def markdown(result: dict) -> str:
             + " | ".join(f"{a:.3f}" for a in m["accuracy"][-1])
             + " |"
         )
+    if result.get("matched"):
+        lines += ["", *_matched_table(result)]
     lines += ["", "Accuracy matrices (row: after stage s; 0 = pretrained):", ""]
     for m in result["methods"]:
         reused = m.get("mask_reused")
@@ -205,6 +241,30 @@ def markdown(result: dict) -> str:
             lines.append(f"| {s} {names[s]} | " + " | ".join(f"{a:.3f}" for a in row) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _matched_table(result: dict) -> list[str]:
+    """Best H and A_up / BWT at matched ACC against random-mask and SPIDER (module doc)."""
+    levels = result["matched"]
+    lines = [
+        "At matched ACC (levels: fraction of the way from the pretrained model's ACC to "
+        "full-ft's best: "
+        + ", ".join(f"{k} = {v['a_down']:.3f}" for k, v in levels.items())
+        + "); differences paired by seed, mean ± standard error, **bold** beyond two standard "
+        "errors, – where a frontier does not reach the level:",
+        "",
+        "| method | best H | H − random |"
+        + "".join(f" A_up − random @{k} |" for k in levels)
+        + "".join(f" A_up − spider @{k} |" for k in levels)
+        + "".join(f" BWT − random @{k} |" for k in levels),
+        "|" + "---|" * (3 + 3 * len(levels)),
+    ]
+    for m, e in sorted(result["best_h"].items(), key=lambda kv: -kv[1]["h"]["mean"]):
+        row = f"| {m} | {_pm(e['h'])} | {_diff(e, 'h_minus_random-mask')} |"
+        for key in ("a_up_minus_random-mask", "a_up_minus_spider", "bwt_minus_random-mask"):
+            row += "".join(f" {_diff(v['methods'].get(m), key)} |" for v in levels.values())
+        lines.append(row)
+    return lines
 
 
 def plots(result: dict, out: Path) -> list[Path]:
@@ -250,7 +310,7 @@ def plots(result: dict, out: Path) -> list[Path]:
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(8, 6))
     for m in result["methods"]:
-        pts = sorted(m["frontier"], key=lambda p: p["average_accuracy"]["mean"])
+        pts = m["frontier"]  # in learning-rate order: ACC need not grow with it here
         ax.errorbar(
             [p["average_accuracy"]["mean"] for p in pts],
             [p["a_up"]["mean"] for p in pts],
@@ -262,7 +322,7 @@ def plots(result: dict, out: Path) -> list[Path]:
     ax.set(
         xlabel="ACC: mean downstream accuracy at the end",
         ylabel="A_up at the end",
-        title="Continual frontier (points: learning rates)",
+        title="Continual frontier (points: learning rates, joined from low to high)",
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)

@@ -112,6 +112,7 @@ STRUCTURED = {"dowser-rows": "row", "dowser-columns": "column"}
 SOFT = {"dowser-soft": 2.0}
 # a mask's entries trained with SPIDER's pull back towards W0: method -> the mask's method
 WITH_SPIDER = {"dowser-spider": "dowser", "random-mask-spider": "random-mask"}
+REFRESHED = ("dowser-refresh",)  # the dowser mask re-probed during training (refresh.py)
 MASKED = (
     "random-mask",
     "magnitude-mask",
@@ -121,6 +122,7 @@ MASKED = (
     *STRUCTURED,
     *SOFT,
     *WITH_SPIDER,
+    *REFRESHED,
 )
 MERGED = ("model-tailor", "dare", "grafting")
 ANALYSIS = ("dowser-data",)  # rows for finding out why, not among the compared methods
@@ -181,7 +183,7 @@ class ScoreBank:
             return wanda_scores(self.base, _input_batches(data, WANDA_EXAMPLES), layers)
         if method in WITH_SPIDER:
             return self.get(WITH_SPIDER[method], seed=seed, task="", data=data, layers=layers)
-        if method in TASK_AWARE or method in STRUCTURED or method in SOFT:
+        if method in TASK_AWARE or method in STRUCTURED or method in SOFT or method in REFRESHED:
             return self.get("dowser", seed=seed, task="", data=data, layers=layers)
         args = dict(PROBED[method])
         gamma = args.pop("weight_power", None)
@@ -301,6 +303,7 @@ def fine_tune(
     model = copy.deepcopy(base)
     full = tuned_mask(model, setting)
     attach: Callable | None = None
+    on_step: Callable | None = None
     if method == "lora":
         from peft import get_peft_model
 
@@ -330,6 +333,8 @@ def fine_tune(
             attach = lambda opt: _Both(handle.attach(opt), scaler.attach(opt))  # noqa: E731
         elif method in WITH_SPIDER:
             attach = lambda opt: _Both(handle.attach(opt), spider(model, opt))  # noqa: E731
+        elif method in REFRESHED:
+            on_step = _refresher(method, model, handle, setting, bank, data, layers)
     else:
         prepare_model(model, full)
         if method == "spider":
@@ -349,12 +354,26 @@ def fine_tune(
         loss_fn=loss_fn,
         desc=method,
         progress=progress,
+        on_step=on_step,
     )
     if method == "lora":
         model = model.merge_and_unload()
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), losses
+
+
+def _refresher(method, model, handle, setting, bank, data, layers) -> Callable:
+    """on_step for a refreshed mask: the current model probed with the bank's settings."""
+    from dowser.forgetting.refresh import refresher
+
+    def build(current: nn.Module) -> Mask:
+        now = ScoreBank(current, bank.processor, probe_kwargs=bank.probe_kwargs)
+        return tuned_mask(
+            current, setting, now.get("dowser", seed=0, task="", data=data, layers=layers)
+        )
+
+    return refresher(method, model, handle, setting.steps, build)
 
 
 class _Both:

@@ -33,6 +33,7 @@ RECIPES: tuple[str, ...] = (
     "random-mask-spider",  # the same with a random mask
     "dowser-task-split-n16",  # how many downstream examples the task-aware mask needs
     "dowser-task-split-n64",
+    "dowser-refresh",  # the dowser mask re-probed at steps 100 and 200 of 300
 )
 # the recipes measured on the slower settings (a Whisper run takes ~2 min on 2 cores): the
 # paper's score, the drift scores (gamma 0 and 0.5), the main task-aware one, the soft mask

@@ -27,6 +27,7 @@ from dowser.forgetting.config import BenchConfig
 from dowser.forgetting.matched import best_h, matched
 from dowser.forgetting.methods import (
     MASKED,
+    REFRESHED,
     SOFT,
     TASK_AWARE,
     WANDA_EXAMPLES,
@@ -43,6 +44,7 @@ BASELINES = ("random-mask", "spider", "full-ft")
 TRAIN_EXTRA = {
     "soft": "1 B (uint8 scale) + a transient fp32 copy per step",
     "spider": "8 B (fp32 W0 and gradient sum)",
+    "refresh": "- (2 more probes during training: the dowser row's seconds again, twice)",
 }
 
 
@@ -82,6 +84,8 @@ def costs(prep: Prepared, config: BenchConfig, methods: tuple[str, ...]) -> dict
             extra = TRAIN_EXTRA["soft"]
         elif method in WITH_SPIDER:
             extra = TRAIN_EXTRA["spider"]
+        elif method in REFRESHED:
+            extra = TRAIN_EXTRA["refresh"]
         out[method] = {
             "seconds": round(seconds, 2),
             "examples": min(examples, len(data)),

@@ -39,6 +39,7 @@ def train_loop(
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
     desc: str = "fine-tuning",
     progress: bool = True,
+    on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
 ) -> list[float]:
     """Train `params` of `model` on `data` for `steps` steps; return the loss of every step.
 
@@ -46,6 +47,8 @@ def train_loop(
     fresh permutation each epoch. `attach(optimizer)` runs once the optimizer exists (to hook
     a mask or SPIDER onto it); a returned object with `remove()` is removed at the end.
     `loss_fn(model, batch)` gives the loss (default: `model(**batch).loss`).
+    `on_step(done, optimizer)` runs after each step (`done` steps finished), e.g. to refresh
+    a mask.
     """
     from tqdm.auto import tqdm
 
@@ -65,7 +68,7 @@ def train_loop(
     pos, losses = 0, []
     model.train()
     try:
-        for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+        for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
             if pos + batch_size > len(order):
                 order, pos = torch.randperm(len(data), generator=gen), 0
             rows = order[pos : pos + batch_size]
@@ -77,6 +80,8 @@ def train_loop(
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step + 1, opt)
     finally:
         if handle is not None and hasattr(handle, "remove"):
             handle.remove()

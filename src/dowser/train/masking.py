@@ -156,6 +156,32 @@ class GradientMask:
                 x.copy_(torch.where(self.frozen(n, x.device), old, x))
         self._saved = None
 
+    def swap(self, mask: Mask, optimizer: torch.optim.Optimizer | None = None) -> GradientMask:
+        """Train `mask`'s entries from now on (masks refreshed during training).
+
+        `mask` must cover the same weights as the current one. Entries trained so far keep
+        their values. The optimizer's per-entry state (Adam's moments: every state tensor
+        shaped like the weight) is zeroed at the entries `mask` freezes, so Adam without
+        weight decay leaves them exactly still, as for entries frozen from the start; entries
+        that become trainable start from zero moments (at the optimizer's current step).
+        """
+        if set(mask) != set(self.mask):
+            raise DowserError(
+                "a swapped-in mask must cover the same weights as the current one "
+                f"({len(mask)} against {len(self.mask)} weights)"
+            )
+        masked_parameters(self.model, mask)  # shapes checked before anything changes
+        self.mask = mask
+        self.bind(self.model)
+        if optimizer is not None:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    for v in optimizer.state.get(p, {}).values():
+                        x = local(v) if isinstance(v, torch.Tensor) else None
+                        if x is not None and x.shape == local(p).shape:
+                            x.masked_fill_(self.frozen(n, x.device), 0)
+        return self
+
     def remove(self) -> None:
         """Remove all hooks and restore the requires_grad flags from before."""
         for h in [*self._grad_hooks, *self._handles]:
