@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from dowser.eval.metrics import h_score, mean_stderr
-from dowser.forgetting.matched import best_h, matched
-from dowser.forgetting.recipes_report import _diff
+from dowser.forgetting.matched import best_h, diff_cell, matched
 from dowser.forgetting.report import _save, _write_text
 from dowser.forgetting.style import COLORS as SINGLE_TASK_COLORS
 from dowser.forgetting.style import _style
@@ -260,9 +259,9 @@ def _matched_table(result: dict) -> list[str]:
         "|" + "---|" * (3 + 3 * len(levels)),
     ]
     for m, e in sorted(result["best_h"].items(), key=lambda kv: -kv[1]["h"]["mean"]):
-        row = f"| {m} | {_pm(e['h'])} | {_diff(e, 'h_minus_random-mask')} |"
+        row = f"| {m} | {_pm(e['h'])} | {diff_cell(e, 'h_minus_random-mask')} |"
         for key in ("a_up_minus_random-mask", "a_up_minus_spider", "bwt_minus_random-mask"):
-            row += "".join(f" {_diff(v['methods'].get(m), key)} |" for v in levels.values())
+            row += "".join(f" {diff_cell(v['methods'].get(m), key)} |" for v in levels.values())
         lines.append(row)
     return lines
 

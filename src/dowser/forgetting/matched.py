@@ -100,3 +100,13 @@ def best_h(records: list[dict], baselines: tuple[str, ...] = BASELINES) -> dict:
             rows[m] = entry
         result[task] = rows
     return result
+
+
+def diff_cell(entry: dict | None, key: str) -> str:
+    """A table cell for the paired difference `entry[key]` ({"mean", "se", "n"}): "+0.012 ±
+    0.003", in bold when beyond two standard errors with more than one seed; "-" if absent."""
+    if not entry or key not in entry:
+        return "-"
+    d = entry[key]
+    star = "**" if d["n"] > 1 and abs(d["mean"]) > 2 * d["se"] > 0 else ""
+    return f"{star}{d['mean']:+.3f} ± {d['se']:.3f}{star}"

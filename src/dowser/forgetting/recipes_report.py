@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dowser.forgetting.bench import Prepared, prepare, run_benchmark
 from dowser.forgetting.config import BenchConfig
-from dowser.forgetting.matched import best_h, matched
+from dowser.forgetting.matched import best_h, diff_cell, matched
 from dowser.forgetting.methods import (
     MASKED,
     REFRESHED,
@@ -103,14 +103,6 @@ def summarize_recipes(records: list[dict]) -> dict:
     }
 
 
-def _diff(entry: dict | None, key: str) -> str:
-    if not entry or key not in entry:
-        return "-"
-    d = entry[key]
-    star = "**" if d["n"] > 1 and abs(d["mean"]) > 2 * d["se"] > 0 else ""
-    return f"{star}{d['mean']:+.3f} ± {d['se']:.3f}{star}"
-
-
 def markdown(summary: dict) -> str:
     """Per task: best H and matched A_up differences, then the cost table."""
     lines = ["# Mask recipes: what keeps the most at matched downstream accuracy", ""]
@@ -129,11 +121,11 @@ def markdown(summary: dict) -> str:
             if m == "zero-shot":
                 continue
             row = f"| {m} | {e['h']['mean']:.3f} ± {e['h']['se']:.3f} | "
-            row += f"{_diff(e, 'h_minus_random-mask')} | {_diff(e, 'h_minus_spider')} |"
+            row += f"{diff_cell(e, 'h_minus_random-mask')} | {diff_cell(e, 'h_minus_spider')} |"
             for lv in levels.values():
                 entry = lv["methods"].get(m)
-                row += f" {_diff(entry, 'a_up_minus_random-mask')} |"
-                row += f" {_diff(entry, 'a_up_minus_spider')} |"
+                row += f" {diff_cell(entry, 'a_up_minus_random-mask')} |"
+                row += f" {diff_cell(entry, 'a_up_minus_spider')} |"
             lines.append(row)
     if summary.get("costs"):
         lines += ["", "## Cost of making the mask", ""]
