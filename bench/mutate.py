@@ -12,11 +12,18 @@ files under mutants/, and writes
                                   machine, mutmut and torch versions, the tests used
     bench/results/mutation.md     the same as tables, and each survivor's change (old -> new)
 
-    python bench/mutate.py                       # everything, from scratch (make mutate)
+    python bench/mutate.py                       # the committed sample, from scratch (make mutate)
+    python bench/mutate.py --sample 1            # every mutant (about a day on 2 cores)
     python bench/mutate.py --modules dowser.mask # one module; the others are carried over
     python bench/mutate.py --keep                # reuse mutants/: re-test only what did not die
     python bench/mutate.py --report-only         # after `mutmut run`: just read and compare
     mutmut show dowser.mask.x_build_mask__mutmut_12    # one survivor's diff
+
+Sampling: a full run costs hours per module on 2 cores (a surviving mutant runs every test that
+reaches it), so a run can test a seeded random share of each module's mutants (`--sample 0.05
+--seed 0`): the ceil(share x count) mutants whose sha256(seed:name) is smallest, so a mutant keeps
+its place in the sample when other functions change. The score is then an estimate, given with a
+95 % Wilson interval. `make mutate` uses the committed file's share and seed.
 
 The ratchet: the number of surviving mutants only goes down. The baseline is the results file
 as committed (`git show HEAD:bench/results/mutation.json`; without git or a committed file, the
@@ -29,12 +36,16 @@ neither way. New code in a module brings new mutants: its tests must kill them, 
 grows and the ratchet fails. A run that left mutants unchecked (interrupted) cannot be compared
 and fails as well. The verdicts do not come from mutmut's cache unless --keep is given: a fresh
 run is the honest one (mutmut keeps a survivor's verdict even after a new test would kill it).
+Counts compare only between runs of the same share and seed: a run with another sampling than the
+committed one is refused unless --rebase says it replaces the baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -44,6 +55,8 @@ import time
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from mutate_report import change_of, markdown, sample_words, sampling, totals_of
 
 try:
     import tomllib
@@ -86,24 +99,73 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def run_mutmut(modules: list[str], max_children: int) -> None:
-    """`mutmut run` from the repository root; any failure ends this script with one line."""
+GENERATE = """
+import os, sys
+from mutmut.__main__ import create_mutants, set_mutant_under_test
+from mutmut.utils.file_utils import copy_also_copy_files, copy_src_dir, setup_source_paths
+set_mutant_under_test("mutant_generation")
+os.makedirs("mutants", exist_ok=True)
+copy_src_dir(); copy_also_copy_files(); setup_source_paths()
+create_mutants(int(sys.argv[1]))
+"""
+
+
+def generate_mutants(max_children: int) -> None:
+    """mutmut's own first step (copy src/, write every mutant and its meta file), no tests run.
+
+    A sampled run needs the mutants' names before it can choose among them; `mutmut run` then
+    finds them written and does not make them again.
+    """
+    (WORK / "bench").mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", GENERATE, str(max_children)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        sys.exit(f"mutate: mutmut could not generate the mutants: {tail[0]}")
+
+
+def all_mutants(path: str) -> list[str]:
+    """Every mutant's name in one module, from the meta file mutmut wrote for it."""
+    meta = WORK / f"{path}.meta"
+    return sorted(json.loads(meta.read_text())["exit_code_by_key"]) if meta.exists() else []
+
+
+def sample(names: list[str], share: float, seed: int) -> list[str]:
+    """The ceil(share * len(names)) names with the smallest sha256(f"{seed}:{name}").
+
+    A name's rank depends on the name alone, so a module whose other functions change keeps the
+    same sampled mutants in the functions that did not. share >= 1 keeps every name.
+    """
+    if share >= 1:
+        return list(names)
+    k = math.ceil(share * len(names))
+    digest = {n: hashlib.sha256(f"{seed}:{n}".encode()).hexdigest() for n in names}
+    return sorted(sorted(names, key=digest.__getitem__)[:k])
+
+
+def run_mutmut(targets: list[str], max_children: int) -> None:
+    """`mutmut run` on these mutant names or patterns (all when empty); failures end in one line."""
     exe = Path(sys.executable).with_name("mutmut")
     cmd = [str(exe if exe.exists() else shutil.which("mutmut") or "mutmut"), "run"]
-    cmd += ["--max-children", str(max_children), *(f"{m}.*" for m in modules)]
+    cmd += ["--max-children", str(max_children), *targets]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     # mutmut copies also_copy files without making their folder (bench/mutate.py: the plugin)
     (WORK / "bench").mkdir(parents=True, exist_ok=True)
     code = subprocess.call(cmd, cwd=ROOT, env=env)
     if code != 0:
         sys.exit(
-            f"mutate: `{' '.join(cmd[1:])}` failed (exit {code}); if it stopped at the stats or "
+            f"mutate: `mutmut run` ({len(targets) or 'all'} targets) failed (exit {code}); if it "
+            "stopped at the stats or "
             "clean run, a selected test fails: run pytest on [tool.mutmut]'s test selection"
         )
 
 
-def retest_survivors(paths: list[str]) -> int:
-    """Forget every verdict but 'killed' in mutants/, so that mutmut re-tests those mutants.
+def retest_survivors(paths: list[str], names: set[str]) -> int:
+    """Forget every verdict but 'killed' of these mutants in mutants/, so that mutmut re-tests them.
 
     mutmut keeps a verdict until the function's source changes, so a survivor would stay one
     after a new test kills it. Returns how many verdicts were forgotten.
@@ -118,18 +180,19 @@ def retest_survivors(paths: list[str]) -> int:
         data = json.loads(meta.read_text())
         codes = data["exit_code_by_key"]
         for key, code in codes.items():
-            if code is not None and status_by_exit_code[code] != "killed":
+            if key in names and code is not None and status_by_exit_code[code] != "killed":
                 codes[key] = None
                 forgotten += 1
         meta.write_text(json.dumps(data, indent=4))
     return forgotten
 
 
-def read_verdicts(paths: list[str]) -> dict[str, dict]:
-    """Per module, the counts of each verdict and the sorted names of the survivors.
+def read_verdicts(paths: list[str], names: set[str]) -> dict[str, dict]:
+    """Per module, the counts of each verdict among these mutants and the survivors' names.
 
-    `other` gathers suspicious, segfault, skipped and type-check verdicts; `not_checked`
-    counts mutants mutmut never ran (an interrupted run).
+    `population` is every mutant of the module, `mutants` those tested (the sample); `other`
+    gathers suspicious, segfault, skipped and type-check verdicts; `not_checked` counts sampled
+    mutants mutmut never ran (an interrupted run).
     """
     from mutmut.stats import status_by_exit_code
 
@@ -137,10 +200,11 @@ def read_verdicts(paths: list[str]) -> dict[str, dict]:
     for path in paths:
         meta = WORK / f"{path}.meta"
         codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
-        counts = {"mutants": len(codes), **{s.replace(" ", "_"): 0 for s in STATUSES}}
-        counts |= {"other": 0, "not_checked": 0}
+        tested = {k: c for k, c in codes.items() if k in names}
+        counts = {"population": len(codes), "mutants": len(tested)}
+        counts |= {s.replace(" ", "_"): 0 for s in STATUSES} | {"other": 0, "not_checked": 0}
         survivors = []
-        for key, code in codes.items():
+        for key, code in tested.items():
             status = status_by_exit_code[code]
             if status == "not checked":
                 counts["not_checked"] += 1
@@ -153,19 +217,6 @@ def read_verdicts(paths: list[str]) -> dict[str, dict]:
         survivors.sort(key=lambda k: (k.rpartition("__mutmut_")[0], int(k.rpartition("_")[2])))
         out[module_of(path)] = {**counts, "path": path, "survivors": survivors}
     return out
-
-
-def change_of(name: str, path: str) -> str:
-    """A survivor's change on one line: the removed lines, '->', the added lines."""
-    from mutmut.mutation.diff_apply import get_diff_for_mutant
-
-    try:
-        diff = get_diff_for_mutant(name, path=path).splitlines()[2:]
-    except Exception as e:  # a mutant file from another run: say so, do not stop the report
-        return f"(no diff: {e})"
-    old = " / ".join(s[1:].strip() for s in diff if s.startswith("-"))
-    new = " / ".join(s[1:].strip() for s in diff if s.startswith("+"))
-    return f"{old}  ->  {new}"
 
 
 def baseline() -> tuple[dict | None, str]:
@@ -184,10 +235,22 @@ def baseline() -> tuple[dict | None, str]:
     return None, "none"
 
 
-def ratchet(old: dict | None, new: dict) -> str | None:
-    """None when the survivors of the modules in both runs did not grow, else why (one line)."""
+def ratchet(old: dict | None, new: dict, rebase: bool = False) -> str | None:
+    """None when the survivors of the modules in both runs did not grow, else why (one line).
+
+    Counts compare only under the same sampling: another share or seed is refused unless
+    `rebase` (the run then becomes the baseline).
+    """
     if old is None:
         return None
+    if sampling(old) != sampling(new):
+        if rebase:
+            return None
+        return (
+            f"mutate: this run samples {sampling(new)}, the committed results {sampling(old)}: "
+            "counts do not compare; pass the committed --sample/--seed, or --rebase to replace "
+            "the baseline"
+        )
     common = sorted(set(old["modules"]) & set(new["modules"]))
 
     def alive(res: dict, m: str) -> int:  # a mutant no test reaches is a survivor too
@@ -207,59 +270,6 @@ def ratchet(old: dict | None, new: dict) -> str | None:
     )
 
 
-def markdown(res: dict, changes: dict[str, str]) -> str:
-    """The results as a table per module, then every survivor with its change."""
-    t = res["totals"]
-    minutes = f"{res['wall_s'] / 60:.0f} min" if res["wall_s"] is not None else "time not measured"
-    lines = [
-        "# Mutation testing of the math modules",
-        "",
-        f"`make mutate` (bench/mutate.py, mutmut {res['mutmut']}, torch {res['torch']}) on "
-        f"{res['machine']}, {res['date']}: {minutes} with {res['max_children']} workers. "
-        "Score = killed + timeout over mutants with tests: "
-        f"**{t['score']:.1%}** ({t['survived']} of {t['mutants']} mutants survive).",
-        "",
-        "| module | mutants | killed | survived | timeout | no tests | other | score |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, m in res["modules"].items():
-        lines.append(
-            f"| {name} | {m['mutants']} | {m['killed']} | {m['survived']} | {m['timeout']} | "
-            f"{m['no_tests']} | {m['other']} | {score(m):.1%} |"
-        )
-    lines += ["", "## Survivors", "", "`mutmut show NAME` prints the diff of one.", ""]
-    for name, m in res["modules"].items():
-        if m["survivors"]:
-            lines += [f"### {name} ({m['survived']})", ""]
-            for s in m["survivors"]:
-                change = f": `{changes[s]}`" if s in changes else " (carried over)"
-                lines.append(f"- `{s.rpartition('.')[2]}`{change}")
-            lines.append("")
-    return "\n".join(lines)
-
-
-def score(m: dict) -> float:
-    """(killed + timeout) / (mutants - no tests): the share of testable mutants caught."""
-    tested = m["mutants"] - m["no_tests"]
-    return (m["killed"] + m["timeout"]) / tested if tested else 0.0
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    """pytest hook, loaded in mutmut's own pytest runs by `-p bench.mutate` (see pyproject).
-
-    Two things mutmut 3.8 needs here: it reads `item._nodeid`, which pytest 9 no longer sets
-    (without it the first test errors and the run stops); and in forkserver mode it passes a
-    mutant's tests in no particular order, so the fastest ones (durations from its stats run)
-    go first: with -x a killed mutant then costs its quickest failing test, not a slow one.
-    """
-    for item in items:
-        item.__dict__.setdefault("_nodeid", item.nodeid)
-    stats = Path("mutmut-stats.json")  # mutmut runs pytest inside mutants/
-    if stats.exists():
-        durations = json.loads(stats.read_text()).get("duration_by_test", {})
-        items.sort(key=lambda item: durations.get(item.nodeid, float("inf")))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run mutmut over the configured math modules, write the results, apply the ratchet."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -268,7 +278,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="reuse mutants/, re-test non-killed ones")
     ap.add_argument("--report-only", action="store_true", help="read mutants/, do not run mutmut")
     ap.add_argument("--note", default="", help="how the run was made, kept in the results file")
+    ap.add_argument(
+        "--sample",
+        type=float,
+        default=None,
+        help="share of each module's mutants "
+        "tested, in (0, 1] (default: the committed results' share)",
+    )
+    ap.add_argument("--seed", type=int, default=None, help="which sample (default: committed)")
+    ap.add_argument("--rebase", action="store_true", help="accept another sampling as baseline")
     args = ap.parse_args(argv)
+    if args.sample is not None and not 0 < args.sample <= 1:
+        sys.exit(f"mutate: --sample {args.sample} is not a share in (0, 1]; e.g. --sample 0.05")
     os.chdir(ROOT)  # mutmut reads pyproject.toml and writes mutants/ in the working directory
     cfg = mutmut_config()
     paths = {module_of(p): p for p in cfg["only_mutate"]}
@@ -279,17 +300,31 @@ def main(argv: list[str] | None = None) -> int:
             f"mutate: {', '.join(unknown)} not in [tool.mutmut] only_mutate; use {list(paths)}"
         )
     old, old_from = baseline()
+    smp = sampling(old) if old is not None else {"share": 1.0, "seed": 0}
+    smp = {
+        "share": smp["share"] if args.sample is None else args.sample,
+        "seed": smp["seed"] if args.seed is None else args.seed,
+    }
 
     start = time.monotonic()
+    if not args.report_only and not args.keep and WORK.exists():
+        shutil.rmtree(WORK)  # a fresh run: no verdict survives a change of the tests
+    if not args.report_only:
+        generate_mutants(args.max_children)
+    picked = {m: sample(all_mutants(paths[m]), smp["share"], smp["seed"]) for m in chosen}
+    names = {n for ns in picked.values() for n in ns}
     if not args.report_only:
         if args.keep:
-            print(f"mutate: re-testing {retest_survivors([paths[m] for m in chosen])} verdicts")
-        elif WORK.exists():
-            shutil.rmtree(WORK)  # a fresh run: no verdict survives a change of the tests
-        run_mutmut(chosen if len(chosen) < len(paths) else [], args.max_children)
+            forgotten = retest_survivors([paths[m] for m in chosen], names)
+            print(f"mutate: re-testing {forgotten} verdicts")
+        targets = sorted(names) if smp["share"] < 1 else [f"{m}.*" for m in chosen]
+        print(f"mutate: testing {len(names)} mutants ({sample_words({'sample': smp})})")
+        run_mutmut(
+            targets if len(chosen) < len(paths) or smp["share"] < 1 else [], args.max_children
+        )
     wall = time.monotonic() - start
 
-    modules = read_verdicts([paths[m] for m in chosen])
+    modules = read_verdicts([paths[m] for m in chosen], names)
     unchecked = {m: v["not_checked"] for m, v in modules.items() if v["not_checked"]}
     if unchecked:
         sys.exit(f"mutate: the run left mutants unchecked ({unchecked}); run it again to finish")
@@ -300,9 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 modules[name] = old["modules"][name]
                 carried.append(name)
     modules = {name: modules[name] for name in paths if name in modules}
-    totals = {k: sum(m[k] for m in modules.values()) for k in ("mutants", "killed", "survived")}
-    totals |= {k: sum(m[k] for m in modules.values()) for k in ("timeout", "no_tests", "other")}
-    totals["score"] = round(score(totals), 4)
+    totals = totals_of(modules)
     res = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": None if args.report_only else round(wall, 1),
@@ -312,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": pkg_version("torch"),
         "max_children": args.max_children,
         "run": "report-only" if args.report_only else ("keep" if args.keep else "fresh"),
+        "sample": smp,
         "tests": cfg.get("pytest_add_cli_args_test_selection", []),
         "carried_over": carried,  # modules not run this time: their figures are the baseline's
         "totals": totals,
@@ -327,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in carried
         for s in m["survivors"]
     }
-    why = ratchet(old, res)
+    why = ratchet(old, res, rebase=args.rebase)
     if why:
         (WORK / "mutation.json").write_text(json.dumps(res, indent=2) + "\n")
         print(why, file=sys.stderr)
@@ -336,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     REPORT.write_text(markdown(res, changes) + "\n")
     print(
         f"mutate: {totals['killed']} killed, {totals['survived']} survived of "
-        f"{totals['mutants']} mutants ({totals['score']:.1%}) in {wall / 60:.1f} min; baseline "
+        f"{totals['mutants']} tested mutants ({totals['score']:.1%}, 95 % interval "
+        f"{totals['interval'][0]:.1%} to {totals['interval'][1]:.1%}) in {wall / 60:.1f} min; baseline "
         f"{old_from}; wrote {RESULTS.relative_to(ROOT)}"
     )
     return 0

@@ -17,6 +17,10 @@ Contract, per batch of B samples and K probes (xi_k in {-1, +1}^(B, V), drawn in
 "valid" = attention-mask 1 (the decoder's in an encoder-decoder) for language-decoder and head
 layers; every row for the others (vision, encoder). The head's psi is 1. The score is
 S = |W| * mean over batches of psi a^T (every batch has K probes, so equal weights).
+
+The "rms" estimator (`rms=True`): g_k = d((xi_k * f).sum()) / dz (no 1/B), and one pair
+pooled over every batch: psi = sqrt(sum_batches sum_k sum_valid g_k^2 / (K * valid tokens of
+all batches)), a = sum_batches sum_valid |h| / valid tokens of all batches.
 """
 
 from __future__ import annotations
@@ -60,8 +64,10 @@ def oracle_mean_abs(
     num_probes: int,
     seed: int,
     f_of: Callable = default_f,
+    rms: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """module name -> (psi, a) stacked over batches, (n_batches, d_out) and (n_batches, d_in).
+    """module name -> (psi, a) stacked over batches, (n_batches, d_out) and (n_batches, d_in);
+    with `rms`, one pooled pair, (1, d_out) and (1, d_in) (module doc).
 
     `groups` maps each target module to its group ("decoder", "lm_head", "encoder", ...);
     sums are taken in float64 so that the oracle's own rounding is far below the tolerance.
@@ -70,6 +76,7 @@ def oracle_mean_abs(
     gen = torch.Generator().manual_seed(seed)
     psis: dict[str, list] = {n: [] for n in groups}
     acts: dict[str, list] = {n: [] for n in groups}
+    pooled = {n: [0.0, 0, 0.0, 0] for n in groups}  # rms: g^2 sum, count, |h| sum, count
     for batch in batches:
         seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         handles = [
@@ -90,24 +97,38 @@ def oracle_mean_abs(
         counts = {n: 0 for n in probed}
         for _ in range(num_probes):
             xi = (torch.randint(0, 2, tuple(f.shape), generator=gen) * 2 - 1).float()
-            scalar = (f * xi).sum() / f.shape[0]
+            scalar = (f * xi).sum() if rms else (f * xi).sum() / f.shape[0]
             outs = [seen[n][1] for n in probed]
             grads = torch.autograd.grad(scalar, outs, retain_graph=True, allow_unused=True)
             for n, z, g in zip(probed, outs, grads, strict=True):
                 g = torch.zeros_like(z) if g is None else g
                 valid = text if groups[n] == "decoder" else None
-                s, c = _masked_mean(g.abs(), valid)
+                s, c = _masked_mean(g.square() if rms else g.abs(), valid)
                 sums[n] = sums[n] + s
                 counts[n] += c
         for n in groups:
             h = seen[n][0].detach()
             valid = text if groups[n] in ("decoder", "lm_head") else None
             s, c = _masked_mean(h.abs(), valid)
+            if rms:
+                pooled[n][2], pooled[n][3] = pooled[n][2] + s, pooled[n][3] + c
+                if n in sums:
+                    pooled[n][0], pooled[n][1] = pooled[n][0] + sums[n], pooled[n][1] + counts[n]
+                continue
             acts[n].append((s / c).float())
             if groups[n] == "lm_head":
                 psis[n].append(torch.ones(seen[n][1].shape[-1]))
             else:
                 psis[n].append((sums[n] / counts[n]).float())
+    if rms:
+        ones = {n: torch.ones(model.get_submodule(n).weight.shape[0]) for n in groups}
+        return {
+            n: (
+                ones[n][None] if groups[n] == "lm_head" else (g / gn).sqrt().float()[None],
+                (a / an).float()[None],
+            )
+            for n, (g, gn, a, an) in pooled.items()
+        }
     return {n: (torch.stack(psis[n]), torch.stack(acts[n])) for n in groups}
 
 
@@ -128,11 +149,15 @@ def oracle_scores(model: nn.Module, factors: dict[str, tuple], params: dict[str,
     return out
 
 
-def check_against_oracle(model, scores, batches, *, num_probes, seed, f_of=None) -> None:
+def check_against_oracle(
+    model, scores, batches, *, num_probes, seed, f_of=None, rms: bool = False
+) -> None:
     """Every factor row and every dense score of `scores` equals the oracle's."""
     groups = {t.module: t.group for t in scores.targets.values()}
     kwargs = {} if f_of is None else {"f_of": f_of}
-    ref = oracle_mean_abs(model, batches, groups, num_probes=num_probes, seed=seed, **kwargs)
+    ref = oracle_mean_abs(
+        model, batches, groups, num_probes=num_probes, seed=seed, rms=rms, **kwargs
+    )
     for name, t in scores.targets.items():
         f = scores.factors[name]
         psi, act = ref[t.module]
@@ -142,7 +167,8 @@ def check_against_oracle(model, scores, batches, *, num_probes, seed, f_of=None)
         torch.testing.assert_close(
             f.act, act, rtol=2e-5, atol=1e-7, msg=lambda m, n=name: f"act of {n}: {m}"
         )
-        assert torch.equal(f.weight, torch.full((len(batches),), float(num_probes)))
+        weight = torch.ones(1) if rms else torch.full((len(batches),), float(num_probes))
+        assert torch.equal(f.weight, weight)
     dense = oracle_scores(model, ref, {n: t.module for n, t in scores.targets.items()})
     for name, s in dense.items():
         ours = scores.dense(name)

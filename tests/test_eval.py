@@ -78,10 +78,24 @@ def test_upstream_at_the_frontier_ends_and_on_ties():
     assert upstream_at([(0.5, 0.7)], 0.5) == 0.7  # one point: only its own A_down
     assert upstream_at([(0.5, 0.7)], 0.4) is None and upstream_at([], 0.5) is None
     # two sweep points with the same A_down (first, middle or last): no division by zero, and
-    # the same answer wherever the tie sits, the lower A_up (the first of them once sorted)
-    assert upstream_at([(0.2, 0.9), (0.2, 0.5), (0.8, 0.3)], 0.2) == 0.5
-    assert upstream_at([(0.2, 0.9), (0.6, 0.75), (0.6, 0.7), (0.8, 0.3)], 0.6) == pytest.approx(0.7)
-    assert upstream_at([(0.2, 0.9), (0.8, 0.5), (0.8, 0.3)], 0.8) == pytest.approx(0.3)
+    # the same answer wherever the tie sits: the better A_up (the other is off the frontier)
+    assert upstream_at([(0.2, 0.9), (0.2, 0.5), (0.8, 0.3)], 0.2) == 0.9
+    assert upstream_at([(0.2, 0.9), (0.6, 0.75), (0.6, 0.7), (0.8, 0.3)], 0.6) == pytest.approx(
+        0.75
+    )
+    assert upstream_at([(0.2, 0.9), (0.8, 0.5), (0.8, 0.3)], 0.8) == pytest.approx(0.5)
+
+
+def test_upstream_at_skips_learning_rates_past_the_peak():
+    # the highest rate over-trains: A_down fell back to 0.53 and A_up to 0.19; at A_down 0.5
+    # the method does better at a lower rate, so that point is off the frontier
+    points = [(0.40, 0.72), (0.58, 0.57), (0.61, 0.33), (0.53, 0.19)]
+    assert upstream_at(points, 0.5) == pytest.approx(0.72 - 0.15 * 0.10 / 0.18)
+    assert upstream_at(points, 0.61) == pytest.approx(0.33)
+    # lower is better (WER): dominance flips
+    wers = [(0.2, 0.1), (0.6, 0.3), (0.5, 0.5)]
+    assert upstream_at(wers, 0.4, higher_is_better=False) == pytest.approx(0.2)
+    assert upstream_at(wers, 0.4) is None  # read as "higher is better", (0.2, 0.1) is beaten
 
 
 def test_edit_distance_and_error_rates():

@@ -59,6 +59,16 @@ def test_default_probe_matches_plain_autograd_oracle(make):
     check_against_oracle(model, scores, batches, num_probes=3, seed=4)
 
 
+def test_rms_probe_matches_plain_autograd_oracle():
+    # the rms estimator pools sqrt(mean g^2) over every batch (no 1/B): its own oracle path
+    model = tiny_llama()
+    batches = padded_batches(model.config.vocab_size)
+    scores = dowser.probe(
+        model, batches=batches, estimator="rms", num_probes=3, seed=4, progress=False
+    )
+    check_against_oracle(model, scores, batches, num_probes=3, seed=4, rms=True)
+
+
 def test_oracle_tells_the_last_valid_position_from_the_last_position():
     """The oracle is sharp: taking the final position (padding) gives other factors."""
     model = tiny_llama()

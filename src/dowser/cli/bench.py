@@ -146,17 +146,20 @@ def run_continual_cli(
     preset: str,
     out: Path,
     *,
+    model: str = "llava",
     overwrite: bool = False,
     resume: bool = False,
     cache: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """The continual benchmark's `preset` into `out`; print and return its results."""
+    """The continual benchmark's `preset` ("quick" or "full") on `model` into `out`; print and
+    return its results."""
     from dowser.forgetting.continual import CONTINUAL_PRESETS, run_continual
     from dowser.forgetting.continual_report import markdown
 
-    config = CONTINUAL_PRESETS[preset]
-    result = _study(run_continual, config, out, "llava", overwrite, resume, cache, progress)
+    name = preset if model == "llava" else {"quick": "whisper-quick", "full": "whisper"}[preset]
+    config = CONTINUAL_PRESETS[name]
+    result = _study(run_continual, config, out, model, overwrite, resume, cache, progress)
     print(markdown(result))
     print(f"wrote {out}/results.json, {out}/results.md and {len(result['plots'])} plots")
     return result
@@ -306,7 +309,8 @@ def add_parser(sub) -> None:
         "continual",
         help="three downstream tasks in turn: accuracy matrix, backward transfer, forgetting",
         description=(
-            "Fine-tune the built-in LLaVA on three downstream tasks one after another with "
+            "Fine-tune the built-in LLaVA (or Whisper tiny.en, --model) on three downstream tasks "
+            "one after another with "
             "every continual method (full-ft, lora, random-mask, dowser-static, dowser-reprobe, "
             "dowser-reprobe-exclude, spider, merge, merge-exclude) and write results.json (the accuracy matrix "
             "per method), results.md and heat-map and frontier plots to --out; --resume "
@@ -315,6 +319,13 @@ def add_parser(sub) -> None:
     )
     c.add_argument("--out", default="continual-out", help="output directory")
     c.add_argument("--quick", action="store_true", help="one seed, one learning rate (minutes)")
+    c.add_argument(
+        "--model",
+        choices=("llava", "whisper-tiny-en"),
+        default="llava",
+        help="llava: the built-in LLaVA (default); whisper-tiny-en: Whisper tiny.en on speech "
+        "(topic-a -> phonemes -> topic-b)",
+    )
     c.add_argument("--resume", action="store_true", help="keep the sequences already in --out")
     bench_options(c)
     c.set_defaults(func=_cmd_bench_continual)
@@ -364,6 +375,7 @@ def _cmd_bench_continual(args: argparse.Namespace) -> None:
     run_continual_cli(
         "quick" if args.quick else "full",
         Path(args.out),
+        model=args.model,
         overwrite=args.overwrite,
         resume=args.resume,
         cache=args.cache,

@@ -35,13 +35,24 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def upstream_at(points: Sequence[tuple[float, float]], a_down: float) -> float | None:
-    """A_up interpolated at downstream accuracy `a_down` on a frontier of (A_down, A_up).
+def upstream_at(
+    points: Sequence[tuple[float, float]], a_down: float, *, higher_is_better: bool = True
+) -> float | None:
+    """A_up (or any y) interpolated at downstream accuracy `a_down` on the frontier of
+    (A_down, y) points, one per learning rate.
 
-    The points are ordered by A_down; between two neighbours A_up is interpolated linearly.
-    None when `a_down` lies outside the frontier's range (the method never got there).
+    The frontier is the set of points no other point beats on both axes: a learning rate so
+    high that A_down fell again, with y worse too, is off it (the method reaches that A_down
+    with a better y at a lower rate). Its points are ordered by A_down; between two
+    neighbours y is interpolated linearly. None when `a_down` lies outside the frontier's
+    range (the method never got there). `higher_is_better=False` for y like WER.
     """
-    pts = sorted(points)
+    sign = 1.0 if higher_is_better else -1.0
+    pts = sorted(
+        (x, y)
+        for x, y in points
+        if not any(u >= x and sign * v >= sign * y and (u, v) != (x, y) for u, v in points)
+    )
     if not pts or not pts[0][0] <= a_down <= pts[-1][0]:
         return None
     for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):

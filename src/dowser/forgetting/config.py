@@ -56,7 +56,8 @@ class Prepared:
     `evaluate(model, task, tail)` gives a run's metrics ("upstream" per task, "a_up",
     "a_down", and for speech "wer" / "cer"); `train_data(task, tail)` its training data, with
     batches for tuning the last `tail` encoder layers too; `loss_fn(model, batch)` the
-    training loss (None: `model(**batch).loss`).
+    training loss (None: `model(**batch).loss`); `score_task(model, task)` one task's accuracy
+    (the continual benchmark; None: candidate accuracy on `tests[task]`).
     """
 
     base: torch.nn.Module
@@ -70,3 +71,4 @@ class Prepared:
     evaluate: Callable[[torch.nn.Module, str, int], dict] | None = None
     loss_fn: Callable | None = None
     train_data: Callable[[str, int], object] | None = None
+    score_task: Callable[[torch.nn.Module, str], float] | None = None

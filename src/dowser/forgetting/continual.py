@@ -1,6 +1,7 @@
 """Continual fine-tuning: several downstream tasks in turn, one model, every method.
 
     result = run_continual(CONTINUAL_PRESETS["quick"], out)   # dowser bench continual --quick
+    result = run_continual(CONTINUAL_PRESETS["whisper"], out)  # ... --model whisper-tiny-en
 
 The sequence (`SEQUENCE`) follows the pretraining of the built-in LLaVA (`llava.py`):
 
@@ -11,7 +12,8 @@ The sequence (`SEQUENCE`) follows the pretraining of the built-in LLaVA (`llava.
 The built-in data has two downstream tasks; the third comes from splitting digits into two
 label sets (the field's "Split MNIST", task-incremental: each half has its own candidates),
 with the single-task benchmark's train / test split of digits. Upstream tasks (fashion,
-wordnet-pos) are the pretraining tasks the forgetting benchmark measures (A_up).
+wordnet-pos) are the pretraining tasks the forgetting benchmark measures (A_up). Whisper
+tiny.en has a sequence of its own (`speech/continual.py`: topic-a -> phonemes -> topic-b).
 
 Methods (`CONTINUAL_METHODS`; README "The continual benchmark"), every one through
 `train.train_loop` with the single-task benchmark's settings (rho of each q/k/v/o/gate/up/down
@@ -36,7 +38,7 @@ import copy
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -46,85 +48,29 @@ from torch import nn
 from dowser.baselines.masks import random_scores
 from dowser.errors import DowserError
 from dowser.fingerprint import model_digests, model_fingerprints
-from dowser.forgetting.config import BenchConfig, Prepared
+from dowser.forgetting.config import Prepared
+from dowser.forgetting.continual_config import (  # noqa: F401  (the benchmark's names, here too)
+    CONTINUAL_LR_SCALE,
+    CONTINUAL_METHODS,
+    CONTINUAL_PRESETS,
+    MASK_METHODS,
+    MERGES,
+    SEQUENCE,
+    SHARED_FIRST,
+    SPLITS,
+    ContinualConfig,
+    lr_grid,
+    plan,
+    run_key,
+)
 from dowser.forgetting.encode import Encoded, encode
 from dowser.forgetting.llava import accuracy, prepare_llava
-from dowser.forgetting.methods import LR_SCALE, ScoreBank, Setting, fine_tune, tuned_mask
-from dowser.forgetting.model import BaseConfig, encode_train
+from dowser.forgetting.methods import ScoreBank, Setting, fine_tune, tuned_mask
+from dowser.forgetting.model import encode_train
 from dowser.forgetting.tasks import class_subset
 from dowser.forgetting.train import Examples, train_loop
 from dowser.mask import Mask
 from dowser.train.masking import mask_gradients, tuned_norms
-
-SEQUENCE: tuple[str, ...] = ("digits-low", "wordnet-topic", "digits-high")
-# tasks made from a built-in task's label subset: name -> (built-in task, its classes)
-SPLITS = {"digits-low": ("digits", (0, 1, 2, 3, 4)), "digits-high": ("digits", (5, 6, 7, 8, 9))}
-CONTINUAL_METHODS: tuple[str, ...] = (
-    "full-ft",
-    "lora",
-    "random-mask",
-    "dowser-static",
-    "dowser-reprobe",
-    "dowser-reprobe-exclude",
-    "spider",
-    "merge",
-    "merge-exclude",
-)
-MERGES = ("merge", "merge-exclude")  # deltas trained from the base, merged onto it
-MASK_METHODS = ("random-mask", "dowser-static", "dowser-reprobe", "dowser-reprobe-exclude", *MERGES)
-SHARED_FIRST = ("dowser-static", "dowser-reprobe", "dowser-reprobe-exclude", *MERGES)
-# the single-task grid factors: 10 for a mask (rho = 0.1 of the entries move), 3 for LoRA
-CONTINUAL_LR_SCALE = {m: LR_SCALE["random-mask"] for m in MASK_METHODS} | {"lora": LR_SCALE["lora"]}
-
-
-@dataclass(frozen=True)
-class ContinualConfig:
-    """What the continual benchmark runs. Presets: CONTINUAL_PRESETS["quick" | "full"]."""
-
-    base: BaseConfig = field(default_factory=BaseConfig)  # the built-in model (as forgetting)
-    upstream_train: int = 20000  # pretraining sizes: the same cached model as forgetting's
-    upstream_test: int = 1000
-    downstream_train: int = 4000  # wordnet-topic's training examples
-    downstream_test: int = 500  # per built-in task (digits' 500 split into 250 + 250)
-    sequence: tuple[str, ...] = SEQUENCE  # downstream tasks in training order
-    methods: tuple[str, ...] = CONTINUAL_METHODS
-    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)  # full-ft's grid; others times lr_scale
-    lr_scale: dict = field(default_factory=lambda: dict(CONTINUAL_LR_SCALE))
-    seeds: tuple[int, ...] = (0, 1)
-    update_ratio: float = 0.1  # rho
-    last_layers: int = 4
-    steps: int = 300  # optimizer steps per task
-    batch_size: int = 16
-    eval_examples: int | None = None  # score only the first N test examples of each task
-    probe: dict = field(default_factory=dict)  # extra dowser.probe arguments
-
-    def bench_config(self) -> BenchConfig:
-        """The forgetting benchmark's config of the same model and data (for `prepare_llava`)."""
-        parents = tuple(dict.fromkeys(SPLITS.get(t, (t,))[0] for t in self.sequence))
-        return BenchConfig(
-            base=self.base,
-            upstream_train=self.upstream_train,
-            upstream_test=self.upstream_test,
-            downstream=parents,
-            downstream_train=self.downstream_train,
-            downstream_test=self.downstream_test,
-            methods=("full-ft",),  # no dowser-data: the pretraining mix is not encoded
-            probe=self.probe,
-        )
-
-
-CONTINUAL_PRESETS: dict[str, ContinualConfig] = {
-    # one learning rate (the grid's middle), one seed, half the steps, the first 250 test
-    # examples per task: 9.6 minutes on 2 cores from a fresh cache (4.3 of them pretraining)
-    "quick": ContinualConfig(lrs=(3e-4,), seeds=(0,), steps=150, eval_examples=250),
-    "full": ContinualConfig(),
-}
-
-
-def lr_grid(config: ContinualConfig, method: str) -> list[float]:
-    """`config.lrs` times the method's factor, rounded to 3 significant digits."""
-    scale = config.lr_scale.get(method, 1.0)
-    return [float(f"{lr * scale:.3g}") for lr in config.lrs]
 
 
 def _head(test: tuple[Encoded, np.ndarray, int], n: int | None) -> tuple:
@@ -142,14 +88,20 @@ def prepare_continual(
 ) -> Prepared:
     """The pretrained built-in LLaVA (cached, as the forgetting benchmark's) and every task of
     `config.sequence` encoded; `prep.tests` holds the evaluated tasks only, upstream first."""
-    known, seq = ("digits", "wordnet-topic", *SPLITS), config.sequence
-    if len(set(seq)) != len(seq) or len(seq) < 2 or not set(seq) <= set(known):
-        raise DowserError(f"sequence {list(seq)}: use two or more of {', '.join(known)}, once each")
     unknown = [m for m in config.methods if m not in CONTINUAL_METHODS]
     if unknown:
         raise DowserError(
             f"unknown continual method {unknown[0]!r}; choose from {', '.join(CONTINUAL_METHODS)}"
         )
+    if config.model != "llava":
+        from dowser.forgetting.speech.continual import prepare_speech_continual
+
+        if config.model != "whisper-tiny-en":
+            raise DowserError(f"model {config.model!r}: use llava or whisper-tiny-en")
+        return prepare_speech_continual(config, cache=cache, progress=progress)
+    known, seq = ("digits", "wordnet-topic", *SPLITS), config.sequence
+    if len(set(seq)) != len(seq) or len(seq) < 2 or not set(seq) <= set(known):
+        raise DowserError(f"sequence {list(seq)}: use two or more of {', '.join(known)}, once each")
     prep = prepare_llava(config.bench_config(), cache=cache, progress=progress)
     for name in config.sequence:
         if name in SPLITS:
@@ -167,14 +119,23 @@ def prepare_continual(
 
 def evaluate_all(model: nn.Module, prep: Prepared) -> list[float]:
     """Accuracy on every task of `prep.tests`, in its order (upstream first)."""
+    if prep.score_task is not None:  # speech: each task has its own score
+        return [prep.score_task(model, task) for task in prep.tests]
     return [accuracy(model, test) for test in prep.tests.values()]
 
 
 def train_masked(
-    start: nn.Module, mask: Mask, data: Examples, setting: Setting, *, progress: bool = False
+    start: nn.Module,
+    mask: Mask,
+    data: Examples,
+    setting: Setting,
+    *,
+    progress: bool = False,
+    loss_fn=None,
 ) -> tuple[nn.Module, list[float]]:
     """A copy of `start` with `mask`'s trainable entries (and the norms of the layers it
-    reaches) trained on `data`; every other entry stays bit-identical."""
+    reaches) trained on `data` (`loss_fn(model, batch)`, None: the model's own loss); every
+    other entry stays bit-identical."""
     model = copy.deepcopy(start)
     handle = mask_gradients(model, mask)
     losses = train_loop(
@@ -188,6 +149,7 @@ def train_masked(
         attach=handle.attach,
         desc="masked",
         progress=progress,
+        loss_fn=loss_fn,
     )
     handle.remove()  # no hooks left on a model the next stage copies
     model.requires_grad_(False)
@@ -216,10 +178,20 @@ class Sequencer:
         c = self.config
         return Setting(lr, c.last_layers, c.update_ratio, seed, c.steps, c.batch_size)
 
+    def data(self, task: str) -> Examples:
+        """`task`'s training examples."""
+        prep = self.prep
+        return prep.train_data(task, 0) if prep.train_data else prep.train[task]
+
+    def train(self, start: nn.Module, mask: Mask, task: str, setting: Setting) -> tuple:
+        """`train_masked` on `task` with the track's loss."""
+        data, loss_fn = self.data(task), self.prep.loss_fn
+        return train_masked(start, mask, data, setting, progress=self.progress, loss_fn=loss_fn)
+
     def base_mask(self, setting: Setting, exclude: list[Mask] | None = None) -> Mask:
         """The pretrained model's Dowser mask (its probe is cached in the score bank),
         without the entries of the `exclude` masks."""
-        data = self.prep.train[self.config.sequence[0]]
+        data = self.data(self.config.sequence[0])
         scores = self.prep.bank.get("dowser", seed=0, task="", data=data)
         options = {"exclude": list(exclude)} if exclude else {}
         return tuned_mask(self.prep.base, setting, scores, **options)
@@ -235,17 +207,24 @@ class Sequencer:
             deltas: list[Path] = []
             for stage, task in enumerate(self.config.sequence, 1):
                 t1 = time.perf_counter()
-                data = prep.train[task]
                 if stage == 1 and method in SHARED_FIRST:
                     mask, tuned, loss, row = self._shared_first(setting)
                 elif method in MASK_METHODS:
                     mask = self._mask(method, model, setting, stage, masks)
                     start = prep.base if method in MERGES else model
-                    tuned, loss = train_masked(start, mask, data, setting, progress=self.progress)
+                    tuned, loss = self.train(start, mask, task, setting)
                     row = None
                 else:
                     mask, row = None, None
-                    tuned, loss = fine_tune(method, model, data, setting, bank=prep.bank, task=task)
+                    tuned, loss = fine_tune(
+                        method,
+                        model,
+                        self.data(task),
+                        setting,
+                        bank=prep.bank,
+                        task=task,
+                        loss_fn=prep.loss_fn,
+                    )
                 if mask is not None:
                     reused.append(round(overlap(mask, masks), 4))
                     masks.append(mask)
@@ -276,8 +255,7 @@ class Sequencer:
         if key not in self._first:
             self._first = {}  # one at a time: runs are ordered by (lr, seed)
             mask = self.base_mask(setting)
-            data = self.prep.train[self.config.sequence[0]]
-            tuned, loss = train_masked(self.prep.base, mask, data, setting, progress=self.progress)
+            tuned, loss = self.train(self.prep.base, mask, self.config.sequence[0], setting)
             self._first[key] = (mask, tuned, loss, evaluate_all(tuned, self.prep))
         return self._first[key]
 
@@ -290,8 +268,10 @@ class Sequencer:
             return masks[0] if masks else self.base_mask(setting)
         if method == "merge-exclude":  # the base's scores, every earlier task's entries out
             return self.base_mask(setting, exclude=masks)
-        bank = ScoreBank(model, self.prep.processor, probe_kwargs=dict(self.config.probe))
-        scores = bank.get("dowser", seed=0, task="", data=self.prep.train[self.config.sequence[0]])
+        # probed as the base was (speech: no images), on the model trained so far
+        kwargs = dict(self.prep.bank.probe_kwargs)
+        bank = ScoreBank(model, self.prep.processor, probe_kwargs=kwargs)
+        scores = bank.get("dowser", seed=0, task="", data=self.data(self.config.sequence[0]))
         if method == "dowser-reprobe-exclude" and masks:
             return tuned_mask(model, setting, scores, exclude=list(masks))
         return tuned_mask(model, setting, scores)
@@ -322,32 +302,6 @@ def _merge(base: nn.Module, deltas: list[Path]) -> tuple[nn.Module, dict]:
     return model.eval(), merge_deltas(model, deltas, overlap="sum")
 
 
-RUN_KEYS = ("method", "lr", "seed")
-
-
-def run_key(run: dict, config: ContinualConfig) -> str:
-    """What identifies a sequence in runs.jsonl: the run, and the settings that change it."""
-    setting = {
-        "sequence": list(config.sequence),
-        "steps": config.steps,
-        "eval_examples": config.eval_examples,
-    }
-    return json.dumps({**{k: run[k] for k in RUN_KEYS}, **setting}, sort_keys=True)
-
-
-def plan(config: ContinualConfig) -> list[dict]:
-    """Every (method, lr, seed) sequence, ordered by (lr index, seed) so that the methods
-    sharing stage 1 run one after another."""
-    runs = [
-        {"method": m, "lr": lr, "seed": s, "_order": (i, s, k)}
-        for k, m in enumerate(config.methods)
-        for i, lr in enumerate(lr_grid(config, m))
-        for s in config.seeds
-    ]
-    runs.sort(key=lambda r: r.pop("_order"))
-    return runs
-
-
 def run_continual(
     config: ContinualConfig,
     out: Path,
@@ -371,7 +325,10 @@ def run_continual(
     if not resume:
         runs_path.unlink(missing_ok=True)
     info = prep.pretraining
-    log(f"built-in model pretrained in {info['seconds']} s (cached at {info['path']})")
+    if "seconds" in info:
+        log(f"built-in model pretrained in {info['seconds']} s (cached at {info['path']})")
+    else:
+        log(info["summary"])
     done = {r.get("key") for r in records}
     sequencer = Sequencer(config, prep, progress)
     for run in plan(config):
@@ -395,7 +352,10 @@ def run_continual(
         records, config, tasks=list(prep.tests), upstream=[t.name for t in prep.upstream]
     )
     result["pretraining"] = info
-    result["test_sizes"] = {t: len(v[1]) for t, v in prep.tests.items()}
+    # (candidates, labels, k) for the built-in tasks, encoded clips for speech
+    result["test_sizes"] = {
+        t: len(v[1]) if isinstance(v, tuple) else len(v) for t, v in prep.tests.items()
+    }
     result["machine"] = machine()
     result["config"] = json.loads(json.dumps(asdict(config)))
     result["seconds"] = round(time.perf_counter() - t0, 1)

@@ -2,10 +2,10 @@
 
 At one learning rate a method that learns the new task more slowly always looks as if it
 forgets less, so methods are compared along their learning-rate frontiers instead: for each
-seed, the points (A_down, y) over the learning rates, linearly interpolated at a downstream
-level (`dowser.eval.metrics.upstream_at`). Levels are fractions of the way from zero-shot's
-A_down to full-ft's best seed-mean A_down; a method whose frontier does not reach a level has
-no value there. Differences against a baseline are paired by seed (same data order), then
+seed, the points (A_down, y) over the learning rates that no other point beats on both axes,
+linearly interpolated at a downstream level (`dowser.eval.metrics.upstream_at`). Levels are
+fractions of the way from zero-shot's A_down to full-ft's best seed-mean A_down; a method whose
+frontier does not reach a level has no value there. Differences against a baseline are paired by seed (same data order), then
 averaged: mean +- standard error over seeds.
 """
 
@@ -62,8 +62,9 @@ def matched(
             level = level_of(records, task, fraction)
             row: dict = {}
             for y in ys:
+                up = y != "wer"  # WER: lower is better
                 at = {
-                    m: {s: upstream_at(c, level) for s, c in seeds.items()}
+                    m: {s: upstream_at(c, level, higher_is_better=up) for s, c in seeds.items()}
                     for m, seeds in curves(records, task, y).items()
                 }
                 for m, seeds in at.items():

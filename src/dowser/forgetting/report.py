@@ -67,7 +67,9 @@ def summarize(records: list[dict], config) -> dict:
             table[m]["a_up_matched_seeds"] = _matched_by_seed(rows, m, level, "a_up")
             if all("wer" in p for p in pts.values()):  # free-running transcription, matched
                 wers = [(p["a_down"]["mean"], p["wer"]["mean"]) for p in pts.values()]
-                table[m]["wer_matched"] = None if level is None else upstream_at(wers, level)
+                table[m]["wer_matched"] = (
+                    None if level is None else upstream_at(wers, level, higher_is_better=False)
+                )
                 table[m]["wer_matched_seeds"] = _matched_by_seed(rows, m, level, "wer")
         tasks[task] = {"matched_level": level, "methods": table}
     overall = []
@@ -130,7 +132,7 @@ def _matched_by_seed(rows, method, level, y: str) -> dict | None:
     for r in rows:
         if r["method"] == method and r["phase"] == "frontier" and r.get(y) is not None:
             curves[r["seed"]].append((r["a_down"], r[y]))
-    values = [upstream_at(c, level) for c in curves.values()]
+    values = [upstream_at(c, level, higher_is_better=y != "wer") for c in curves.values()]
     return None if not values or None in values else _stats(values)
 
 
