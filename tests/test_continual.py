@@ -114,7 +114,9 @@ def test_methods_are_compared_at_matched_acc_paired_by_seed():
     spider, rand = half["methods"]["spider"], half["methods"]["random-mask"]
     assert rand["a_up"]["mean"] == pytest.approx(0.7)  # halfway between 0.8 and 0.6
     assert spider["a_up_minus_random-mask"] == {"mean": 0.11, "se": 0.01, "n": 2}
-    assert spider["bwt_minus_random-mask"]["mean"] == pytest.approx(0.0)  # BWT = ACC - 1
+    # BWT = ACC - 1 here: the lower rate is beaten on both ACC and BWT, so each BWT frontier is
+    # the single point at ACC 0.6 and does not reach 0.5
+    assert "bwt" not in spider and "bwt_minus_random-mask" not in spider
     assert half["methods"]["full-ft"]["a_up"]["mean"] == pytest.approx(0.5)
     assert "spider" not in result["matched"]["0.9"]["methods"]  # its frontier stops at 0.6
     assert result["best_h"]["spider"]["h_minus_random-mask"]["mean"] > 0
