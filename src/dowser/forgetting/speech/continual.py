@@ -11,8 +11,8 @@ The speech track has two downstream tasks (`tasks.py`); the third comes from spl
 8 categories into two halves, each with its own 4 candidate words (as the built-in sequence
 splits digits). Both halves keep topic's train / test split of definitions. Accuracy of a
 topic half is candidate accuracy over its 4 words; the greedy scores of the single-task track
-(WER, CER) are left out: every method is scored after every stage, and free-running decoding
-would double a sequence's time.
+(WER, CER) are left out: every method is scored after every stage, and they would add a
+free-running decoding of every test clip each time.
 """
 
 from __future__ import annotations
