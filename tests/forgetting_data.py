@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,21 @@ def write_wordnet(root: Path, per_file: int = 240, seed: int = 0) -> Path:
             )
         (root / f"data.{part}").write_text("\n".join(lines) + "\n", encoding="latin-1")
     return root
+
+
+@contextmanager
+def speech_env(root: Path, seed: int):
+    """The speech track's setting in `root`: WordNet stand-ins, a private cache, and a tiny
+    Whisper checkpoint built in code (yielded: its folder), for the duration."""
+    import pytest
+
+    from dowser.tiny_whisper import build_whisper_checkpoint
+
+    values = {
+        "DOWSER_WORDNET": str(write_wordnet(root / "wordnet")),
+        "DOWSER_CACHE": str(root / "cache"),
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in values.items():
+            mp.setenv(k, v)
+        yield build_whisper_checkpoint(root / "tiny", seed=seed)

@@ -9,26 +9,19 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from forgetting_data import write_wordnet
+from forgetting_data import speech_env
 
 from dowser.errors import DowserError
 from dowser.forgetting import continual as C
 from dowser.forgetting.speech import tasks as T
 from dowser.forgetting.speech.continual import SPEECH_SEQUENCE, speech_subset
-from dowser.tiny_whisper import build_whisper_checkpoint
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("continual-speech")
-    values = {
-        "DOWSER_WORDNET": str(write_wordnet(root / "wordnet")),
-        "DOWSER_CACHE": str(root / "cache"),
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in values.items():
-            mp.setenv(k, v)
-        yield build_whisper_checkpoint(root / "tiny", seed=3)
+    with speech_env(root, seed=3) as model_dir:
+        yield model_dir
 
 
 def tiny(model_dir, **changes) -> C.ContinualConfig:

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from forgetting_data import write_wordnet
+from forgetting_data import speech_env
 
 from dowser.errors import DowserError
 from dowser.forgetting.bench import BenchConfig, Runner, run_benchmark
@@ -20,21 +20,14 @@ from dowser.forgetting.speech.evaluate import candidate_logprobs, greedy_texts, 
 from dowser.forgetting.speech.model import EncoderStates, load_whisper, tail_forward
 from dowser.forgetting.speech.synth import Voice, phonemes, speak
 from dowser.forgetting.speech.track import prepare_speech
-from dowser.tiny_whisper import build_whisper_checkpoint
 from dowser.train.speech import sequence
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("speech-track")
-    values = {
-        "DOWSER_WORDNET": str(write_wordnet(root / "wordnet")),
-        "DOWSER_CACHE": str(root / "cache"),
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in values.items():
-            mp.setenv(k, v)
-        yield root, build_whisper_checkpoint(root / "tiny", seed=2)
+    with speech_env(root, seed=2) as model_dir:
+        yield root, model_dir
 
 
 def tiny_config(model_dir, **changes) -> BenchConfig:
