@@ -226,9 +226,18 @@ def test_every_method_runs_the_sequence_and_resumes(prep, tmp_path, monkeypatch)
     monkeypatch.setattr(
         C.Sequencer, "run", lambda self, **run: ran.append(run) or original(self, **run)
     )
-    C.run_continual(TINY_C, out, prepared=prep, resume=True, log=lambda *_: None)
+    # a run of other settings (another step count) is kept in the file, left out, and said
+    first = json.loads(lines[0])
+    other = {**first, "key": first["key"].replace('"steps": ', '"steps": 1')}
+    with (out / "runs.jsonl").open("a") as f:
+        f.write(json.dumps(other) + "\n")
+    said = []
+    C.run_continual(TINY_C, out, prepared=prep, resume=True, log=said.append)
     assert [r["method"] for r in ran] == [json.loads(lines[-1])["method"]]
-    assert len((out / "runs.jsonl").read_text().splitlines()) == len(lines)
+    assert len((out / "runs.jsonl").read_text().splitlines()) == len(lines) + 1
+    n = len(lines)
+    assert f"resuming: {n - 1} of {n} sequences" in said[1] and "1 runs of other" in said[1]
+    assert len(json.loads((out / "results.json").read_text())["runs"]) == n
     with pytest.raises(Exception, match="--resume"):
         C.run_continual(TINY_C, out, prepared=prep, log=lambda *_: None)
 

@@ -329,7 +329,14 @@ def run_continual(
         log(f"built-in model pretrained in {info['seconds']} s (cached at {info['path']})")
     else:
         log(info["summary"])
+    wanted = {run_key(r, config) for r in plan(config)}
     done = {r.get("key") for r in records}
+    if resume and records:
+        other = sum(r.get("key") not in wanted for r in records)
+        log(
+            f"resuming: {len(done & wanted)} of {len(wanted)} sequences already in {runs_path}"
+            + (f"; {other} runs of other settings there are kept but not used" if other else "")
+        )
     sequencer = Sequencer(config, prep, progress)
     for run in plan(config):
         key = run_key(run, config)
@@ -346,7 +353,6 @@ def run_continual(
             + " ".join(f"{a:.3f}" for a in end)
             + f"  ({record['seconds']:.0f} s)"
         )
-    wanted = {run_key(r, config) for r in plan(config)}
     records = [r for r in records if r.get("key") in wanted]
     result = summarize(
         records, config, tasks=list(prep.tests), upstream=[t.name for t in prep.upstream]
